@@ -1,0 +1,126 @@
+"""Equinox models: `create` a `(model, state)` pair, `load` a converted file.
+
+    model, state = zoo.equinox.create("resnet50", key=jax.random.key(0))
+    batched = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+    logits, state = batched(images_nchw, state)            # training mode: batch statistics
+    logits, _ = jax.vmap(eqx.nn.inference_mode(model), axis_name="batch",
+                         in_axes=(0, None), out_axes=(0, None))(images_nchw, state)
+
+The model takes one CHW image. Conv weights are OIHW and Linear weights (out, in), as in PyTorch;
+BatchNorm running statistics live in the `eqx.nn.State`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import PRNGKeyArray
+
+from .. import registry
+from ..spec import ResNetPlan
+from .layers import BATCH_AXIS
+from .resnet import ResNet
+
+FRAMEWORK = "equinox"
+LAYOUT = "conv OIHW, linear (out, in), CHW activations (as PyTorch)"
+_STATE_FIELD = "state_index"
+_STATE_LEAVES = ("running_mean", "running_var")
+
+__all__ = ["create", "load", "named_arrays", "from_named_arrays", "template", "BATCH_AXIS"]
+
+
+def from_torch_layout(a: Any) -> Any:
+    return a  # Equinox keeps PyTorch's layouts
+
+
+# Plan type -> Equinox model class built from it; other families register here.
+MODELS: dict[type, type] = {ResNetPlan: ResNet}
+
+
+def build(plan: Any, *, key: PRNGKeyArray, dtype: Any = jnp.float32) -> tuple[eqx.Module, eqx.nn.State]:
+    return eqx.nn.make_with_state(MODELS[type(plan)])(plan, key=key, dtype=dtype)
+
+
+def create(name: str, *, key: PRNGKeyArray, dtype: Any = jnp.float32, fold_bn: bool = False,
+           **overrides: Any) -> tuple[eqx.Module, eqx.nn.State]:
+    """The registered architecture `name` (spec fields such as `num_classes` may be overridden).
+
+    `dtype` is the compute dtype (bfloat16/float16 for mixed precision); parameters and BatchNorm
+    statistics stay float32. `fold_bn=True` builds the inference-only variant whose convs carry
+    the folded BatchNorm as a bias (its state is empty).
+    """
+    return build(registry.get_spec(name, **overrides).plan(fold_bn), key=key, dtype=dtype)
+
+
+def template(plan: Any, dtype: Any = jnp.float32) -> tuple[eqx.Module, eqx.nn.State]:
+    """The model and state with shapes for leaves, computing nothing."""
+    return eqx.filter_eval_shape(build, plan, key=jax.random.key(0), dtype=dtype)
+
+
+def _is_index(x: Any) -> bool:
+    return isinstance(x, eqx.nn.StateIndex)
+
+
+def _dotted(path: tuple) -> str:
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        else:
+            raise TypeError(f"unexpected tree path element {k!r}")
+    return ".".join(parts)
+
+
+def _is_leaf_array(x: Any) -> bool:
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
+def named_arrays(model: Any, state: eqx.nn.State) -> dict[str, Any]:
+    """Flatten a model and its state to PyTorch-named leaves (tree paths are PyTorch names)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(model, is_leaf=_is_index)[0]:
+        name = _dotted(path)
+        if _is_index(leaf):
+            base = name[: -len(_STATE_FIELD) - 1]
+            for leaf_name, value in zip(_STATE_LEAVES, state.get(leaf)):
+                out[f"{base}.{leaf_name}"] = value
+        elif _is_leaf_array(leaf):
+            out[name] = leaf
+    return out
+
+
+def from_named_arrays(model_t: Any, arrays: Mapping[str, Any]) -> tuple[Any, eqx.nn.State]:
+    """Fill a model shaped like `model_t` (from `template`) with PyTorch-named arrays, already
+    checked by `zoo.checked.checked_merge`; returns (model, state)."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(model_t, is_leaf=_is_index)
+    leaves = []
+    for path, leaf in flat:
+        name = _dotted(path)
+        if _is_index(leaf):
+            base = name[: -len(_STATE_FIELD) - 1]
+            index = eqx.nn.StateIndex(tuple(jnp.asarray(arrays[f"{base}.{n}"]) for n in _STATE_LEAVES))
+            # Keep the template's marker so states from `create` and from files are compatible.
+            object.__setattr__(index, "marker", leaf.marker)
+            leaf = index
+        elif _is_leaf_array(leaf):
+            leaf = jnp.asarray(arrays[name])
+        leaves.append(leaf)
+    model = jax.tree_util.tree_unflatten(treedef, leaves)
+    state = eqx.nn.State(model)
+    return eqx.nn.delete_init_state(model), state
+
+
+def load(path: str, *, dtype: Any = jnp.float32) -> tuple[Any, eqx.nn.State]:
+    """Load a converted `.safetensors` file: (model, state). The metadata and every key are
+    checked against the architecture it names."""
+    from ..io import load_file
+
+    loaded = load_file(path, FRAMEWORK, dtype=dtype)
+    return loaded.objects

@@ -1,0 +1,123 @@
+"""Equinox layers with PyTorch numerics, on single CHW examples (batch with `jax.vmap`).
+
+Field names mirror PyTorch (`weight`, `bias`, running statistics in an `eqx.nn.State`), so a
+model's tree paths are its PyTorch names. Parameters are float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from .. import ops
+from ..spec import ConvSpec, LinearSpec, NormSpec
+
+MOMENTUM = 0.1
+BATCH_AXIS = "batch"
+
+
+class Conv2d(eqx.Module):
+    weight: Float[Array, "O I H W"]
+    bias: Optional[Float[Array, " O"]]
+    stride: int = eqx.field(static=True)
+    padding: int = eqx.field(static=True)
+    dilation: int = eqx.field(static=True)
+    groups: int = eqx.field(static=True)
+
+    def __init__(self, spec: ConvSpec, *, key: PRNGKeyArray):
+        shape = (spec.out_ch, spec.in_ch // spec.groups, spec.kernel, spec.kernel)
+        # timm's init: kaiming normal, fan_out, for ReLU.
+        std = math.sqrt(2.0 / (spec.out_ch * spec.kernel * spec.kernel))
+        self.weight = std * jax.random.normal(key, shape, jnp.float32)
+        self.bias = jnp.zeros((spec.out_ch,), jnp.float32) if spec.bias else None
+        self.stride, self.padding = spec.stride, spec.padding
+        self.dilation, self.groups = spec.dilation, spec.groups
+
+    def __call__(self, x: Float[Array, "C H W"]) -> Float[Array, "O Ho Wo"]:
+        y = ops.conv2d(x[None], self.weight, self.bias, stride=self.stride, padding=self.padding,
+                       dilation=self.dilation, groups=self.groups,
+                       dimension_numbers=("NCHW", "OIHW", "NCHW"))
+        return y[0]
+
+
+class BatchNorm(eqx.Module):
+    """PyTorch BatchNorm2d: batch statistics across the vmapped `axis_name` in training, running
+    statistics updated with momentum 0.1 and the unbiased variance (no zero-debiasing, unlike
+    `eqx.nn.BatchNorm`); running statistics in inference mode."""
+
+    weight: Float[Array, " C"]
+    bias: Float[Array, " C"]
+    state_index: eqx.nn.StateIndex
+    eps: float = eqx.field(static=True)
+    axis_name: str = eqx.field(static=True)
+    inference: bool
+
+    def __init__(self, spec: NormSpec, *, axis_name: str = BATCH_AXIS, inference: bool = False):
+        c = spec.channels
+        self.weight = jnp.ones((c,), jnp.float32)
+        self.bias = jnp.zeros((c,), jnp.float32)
+        self.state_index = eqx.nn.StateIndex((jnp.zeros((c,), jnp.float32), jnp.ones((c,), jnp.float32)))
+        self.eps, self.axis_name, self.inference = spec.eps, axis_name, inference
+
+    def __call__(self, x: Float[Array, "C H W"], state: eqx.nn.State
+                 ) -> tuple[Float[Array, "C H W"], eqx.nn.State]:
+        running_mean, running_var = state.get(self.state_index)
+        if self.inference:
+            mean, var = running_mean, running_var
+        else:
+            mean, var, unbiased = ops.bn_moments(x, (1, 2), self.axis_name)
+            state = state.set(self.state_index, (ops.ema_update(running_mean, mean, MOMENTUM),
+                                                 ops.ema_update(running_var, unbiased, MOMENTUM)))
+        return ops.normalize(x, mean, var, self.weight, self.bias, self.eps, channel_axis=0), state
+
+
+class GroupNorm(eqx.Module):
+    weight: Float[Array, " C"]
+    bias: Float[Array, " C"]
+    groups: int = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, spec: NormSpec):
+        self.weight = jnp.ones((spec.channels,), jnp.float32)
+        self.bias = jnp.zeros((spec.channels,), jnp.float32)
+        self.groups, self.eps = spec.groups, spec.eps
+
+    def __call__(self, x: Float[Array, "C H W"], state: eqx.nn.State
+                 ) -> tuple[Float[Array, "C H W"], eqx.nn.State]:
+        c, h, w = x.shape
+        g = x.astype(jnp.float32).reshape(self.groups, c // self.groups, h, w)
+        mean = jnp.mean(g, axis=(1, 2, 3), keepdims=True)
+        var = jnp.mean(jnp.square(g - mean), axis=(1, 2, 3), keepdims=True)
+        g = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(c, h, w)
+        return (g * self.weight[:, None, None] + self.bias[:, None, None]).astype(x.dtype), state
+
+
+def make_norm(spec: NormSpec):
+    return GroupNorm(spec) if spec.kind == "groupnorm" else BatchNorm(spec)
+
+
+class Linear(eqx.Module):
+    weight: Float[Array, "O I"]
+    bias: Float[Array, " O"]
+
+    def __init__(self, spec: LinearSpec, *, key: PRNGKeyArray):
+        # PyTorch's nn.Linear init: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias.
+        bound = 1.0 / math.sqrt(spec.in_features)
+        wkey, bkey = jax.random.split(key)
+        self.weight = jax.random.uniform(wkey, (spec.out_features, spec.in_features), jnp.float32, -bound, bound)
+        self.bias = jax.random.uniform(bkey, (spec.out_features,), jnp.float32, -bound, bound)
+
+    def __call__(self, x: Float[Array, " I"]) -> Float[Array, " O"]:
+        return self.weight.astype(x.dtype) @ x + self.bias.astype(x.dtype)
+
+
+class ReLU(eqx.Module):
+    """A parameter-free placeholder that keeps PyTorch's Sequential indices (`conv1.2`)."""
+
+    def __call__(self, x: Array, state: eqx.nn.State) -> tuple[Array, eqx.nn.State]:
+        return jax.nn.relu(x), state

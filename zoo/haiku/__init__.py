@@ -1,0 +1,87 @@
+"""dm-haiku models: `create` a `hk.TransformedWithState`, `load` a converted file.
+
+    net = zoo.haiku.create("resnet50")
+    params, state = net.init(jax.random.key(0), images_nhwc, is_training=True)
+    logits, state = net.apply(params, state, None, images_nhwc, is_training=False)
+
+Conv kernels are HWIO, Linear weights (in, out); BatchNorm running statistics live in the state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from .. import registry
+from ..naming import HAIKU_LEAVES, haiku_from_torch_layout, torch_module
+from ..spec import ResNetPlan
+from .resnet import resnet_forward
+
+FRAMEWORK = "haiku"
+LAYOUT = "conv HWIO, linear (in, out), NHWC activations"
+from_torch_layout = haiku_from_torch_layout
+
+__all__ = ["create", "load", "named_arrays", "from_named_arrays", "template"]
+
+
+# Plan type -> function returning the forward to transform; other families register here.
+FORWARDS: dict[type, Callable] = {ResNetPlan: resnet_forward}
+
+
+def build(plan: Any, dtype: Any = jnp.float32) -> hk.TransformedWithState:
+    return hk.transform_with_state(FORWARDS[type(plan)](plan, dtype))
+
+
+def create(name: str, *, dtype: Any = jnp.float32, fold_bn: bool = False,
+           **overrides: Any) -> hk.TransformedWithState:
+    """The registered architecture `name` (spec fields such as `num_classes` may be overridden).
+
+    `dtype` is the compute dtype (bfloat16/float16 for mixed precision); parameters and BatchNorm
+    statistics stay float32. `fold_bn=True` builds the inference-only variant whose convs carry
+    the folded BatchNorm as a bias.
+    """
+    return build(registry.get_spec(name, **overrides).plan(fold_bn), dtype)
+
+
+def template(plan: Any) -> tuple[hk.Params, hk.State]:
+    """Parameter and state shapes of the architecture, without computing anything."""
+    net = build(plan)
+    size = 224
+    x = jax.ShapeDtypeStruct((1, size, size, plan.spec.in_chans), jnp.float32)
+    return jax.eval_shape(lambda k, x: net.init(k, x, is_training=False), jax.random.key(0), x)
+
+
+def named_arrays(params: Mapping, state: Mapping) -> dict[str, Any]:
+    """Flatten Haiku's {module: {leaf: array}} trees to PyTorch-named leaves."""
+    out = {}
+    for tree in (params, state):
+        for module, leaves in tree.items():
+            for leaf, value in leaves.items():
+                out[f"{torch_module(module)}.{HAIKU_LEAVES[leaf]}"] = value
+    return out
+
+
+def from_named_arrays(params_t: Mapping, state_t: Mapping,
+                      arrays: Mapping[str, Any]) -> tuple[hk.Params, hk.State]:
+    """Fill the trees shaped like `params_t`/`state_t` with PyTorch-named arrays (already checked
+    by `zoo.checked.checked_merge`)."""
+
+    def fill(tree: Mapping) -> dict:
+        return {m: {leaf: jnp.asarray(arrays[f"{torch_module(m)}.{HAIKU_LEAVES[leaf]}"])
+                    for leaf in leaves} for m, leaves in tree.items()}
+
+    return fill(params_t), fill(state_t)
+
+
+def load(path: str, *, dtype: Any = jnp.float32
+         ) -> tuple[hk.TransformedWithState, hk.Params, hk.State]:
+    """Load a converted `.safetensors` file: (transformed, params, state). The metadata and every
+    key are checked against the architecture it names."""
+    from ..io import load_file
+
+    loaded = load_file(path, FRAMEWORK)
+    params, state = loaded.objects
+    return build(loaded.plan, dtype), params, state

@@ -1,0 +1,86 @@
+"""Haiku layers with PyTorch numerics. Parameters are float32 whatever the compute dtype."""
+
+from __future__ import annotations
+
+import math
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from .. import ops
+from ..naming import haiku_module
+from ..spec import ConvSpec, LinearSpec, NormSpec
+
+MOMENTUM = 0.1  # PyTorch's BatchNorm default, which every model here uses
+
+
+def local_name(torch_name: str) -> str:
+    """The last component of the Haiku module path for a PyTorch module name (the parent
+    module supplies the rest)."""
+    return haiku_module(torch_name).split("/")[-1]
+
+
+class Conv2d(hk.Module):
+    def __init__(self, spec: ConvSpec):
+        super().__init__(name=local_name(spec.name))
+        self.spec = spec
+
+    def __call__(self, x: Float[Array, "N H W Cin"]) -> Float[Array, "N Ho Wo Cout"]:
+        s = self.spec
+        # timm's init: kaiming normal, fan_out, for ReLU.
+        w_init = hk.initializers.VarianceScaling(2.0, "fan_out", "normal")
+        w = hk.get_parameter("w", (s.kernel, s.kernel, s.in_ch // s.groups, s.out_ch), jnp.float32, w_init)
+        b = hk.get_parameter("b", (s.out_ch,), jnp.float32, jnp.zeros) if s.bias else None
+        return ops.conv2d(x, w, b, stride=s.stride, padding=s.padding, dilation=s.dilation,
+                          groups=s.groups, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class Norm(hk.Module):
+    """BatchNorm with PyTorch semantics (batch statistics in training, running statistics updated
+    with momentum 0.1 and the unbiased variance, no zero-debiasing), or GroupNorm."""
+
+    def __init__(self, spec: NormSpec):
+        super().__init__(name=local_name(spec.name))
+        self.spec = spec
+
+    def __call__(self, x: Float[Array, "N H W C"], is_training: bool) -> Float[Array, "N H W C"]:
+        s = self.spec
+        scale = hk.get_parameter("scale", (s.channels,), jnp.float32, jnp.ones)
+        offset = hk.get_parameter("offset", (s.channels,), jnp.float32, jnp.zeros)
+        if s.kind == "groupnorm":
+            return _group_norm(x, s.groups, scale, offset, s.eps)
+        running_mean = hk.get_state("mean", (s.channels,), jnp.float32, jnp.zeros)
+        running_var = hk.get_state("var", (s.channels,), jnp.float32, jnp.ones)
+        if is_training:
+            mean, var, unbiased = ops.bn_moments(x, (0, 1, 2))
+            hk.set_state("mean", ops.ema_update(running_mean, mean, MOMENTUM))
+            hk.set_state("var", ops.ema_update(running_var, unbiased, MOMENTUM))
+        else:
+            mean, var = running_mean, running_var
+        return ops.normalize(x, mean, var, scale, offset, s.eps, channel_axis=-1)
+
+
+def _group_norm(x: Array, groups: int, scale: Array, offset: Array, eps: float) -> Array:
+    n, h, w, c = x.shape
+    g = x.astype(jnp.float32).reshape(n, h, w, groups, c // groups)
+    mean = jnp.mean(g, axis=(1, 2, 4), keepdims=True)
+    var = jnp.mean(jnp.square(g - mean), axis=(1, 2, 4), keepdims=True)
+    g = (g - mean) * jax.lax.rsqrt(var + eps)
+    return (g.reshape(n, h, w, c) * scale + offset).astype(x.dtype)
+
+
+class Linear(hk.Module):
+    def __init__(self, spec: LinearSpec):
+        super().__init__(name=local_name(spec.name))
+        self.spec = spec
+
+    def __call__(self, x: Float[Array, "N Cin"]) -> Float[Array, "N Cout"]:
+        s = self.spec
+        # PyTorch's nn.Linear init: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias.
+        bound = 1.0 / math.sqrt(s.in_features)
+        init = hk.initializers.RandomUniform(-bound, bound)
+        w = hk.get_parameter("w", (s.in_features, s.out_features), jnp.float32, init)
+        b = hk.get_parameter("b", (s.out_features,), jnp.float32, init)
+        return jnp.dot(x, w.astype(x.dtype)) + b.astype(x.dtype)

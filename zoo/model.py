@@ -1,0 +1,80 @@
+"""`zoo.Model`: a converted model behind one framework-agnostic inference call."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from .io import Loaded, load_file
+
+
+class Model:
+    """A loaded model. `predict` takes an (N, 3, H, W) float32 batch exactly as the PyTorch model
+    would and returns (N, num_classes) logits, jitted, in inference mode."""
+
+    def __init__(self, loaded: Loaded, predict_fn: Callable[[Array], Array]):
+        self.loaded = loaded
+        self._predict = predict_fn
+
+    @property
+    def framework(self) -> str:
+        return self.loaded.framework
+
+    @property
+    def arch(self) -> str:
+        return self.loaded.arch
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.loaded.metadata
+
+    @property
+    def objects(self) -> Any:
+        """Haiku (params, state) or Equinox (model, state)."""
+        return self.loaded.objects
+
+    def predict(self, images: Float[Any, "N C H W"]) -> Float[Array, "N K"]:
+        return self._predict(jnp.asarray(images, jnp.float32))
+
+    def __repr__(self) -> str:
+        folded = ", bn folded" if self.loaded.fold_bn else ""
+        return f"zoo.Model({self.arch!r}, framework={self.framework!r}{folded})"
+
+    @classmethod
+    def from_file(cls, path: str, *, framework: Optional[str] = None, dtype: Any = jnp.float32) -> "Model":
+        loaded = load_file(path, framework, dtype=dtype)
+        return cls(loaded, make_predict(loaded, dtype))
+
+
+def make_predict(loaded: Loaded, dtype: Any = jnp.float32) -> Callable[[Array], Array]:
+    if loaded.framework == "haiku":
+        from .haiku import build
+
+        net = build(loaded.plan, dtype)
+        params, state = loaded.objects
+
+        @jax.jit
+        def predict(x: Array) -> Array:
+            logits, _ = net.apply(params, state, None, jnp.transpose(x, (0, 2, 3, 1)), is_training=False)
+            return logits
+
+        return predict
+
+    import equinox as eqx
+
+    from .equinox import BATCH_AXIS
+
+    model, state = loaded.objects
+    model = eqx.nn.inference_mode(model)
+
+    @eqx.filter_jit
+    def predict_eqx(x: Array) -> Array:
+        batched = jax.vmap(model, axis_name=BATCH_AXIS, in_axes=(0, None), out_axes=(0, None))
+        return batched(x, state)[0]
+
+    return predict_eqx
+
+
