@@ -12,20 +12,23 @@ from .spec import ResNetSpec
 @dataclass(frozen=True)
 class Entry:
     name: str
-    spec: ResNetSpec
+    spec: Any
     # Which PyTorch libraries build this exact module tree (used by verification and tests).
     timm: Optional[str] = None
     torchvision: Optional[str] = None
+    # Whether CI's parity tests cover this model; the rest run in the slow sweep (`-m slow`).
+    ci: bool = True
 
 
 _REGISTRY: dict[str, Entry] = {}
 
 
-def register(name: str, spec: ResNetSpec, *, timm: Optional[str] = None,
-             torchvision: Optional[str] = None) -> None:
+def register(name: str, spec: Any, *, timm: Optional[str] = None,
+             torchvision: Optional[str] = None, ci: bool = True) -> None:
+    """`spec` is any frozen dataclass with `.replace(**overrides)` and `.plan(fold_bn)`."""
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} registered twice")
-    _REGISTRY[name] = Entry(name, spec, timm, torchvision)
+    _REGISTRY[name] = Entry(name, spec, timm, torchvision, ci)
 
 
 def get(name: str) -> Entry:
@@ -37,7 +40,7 @@ def get(name: str) -> Entry:
         raise KeyError(f"unknown model {name!r}{hint}; `zoo list` shows the registry") from None
 
 
-def get_spec(name: str, **overrides: Any) -> ResNetSpec:
+def get_spec(name: str, **overrides: Any) -> Any:
     return get(name).spec.replace(**overrides) if overrides else get(name).spec
 
 
