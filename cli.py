@@ -1,0 +1,253 @@
+"""The `zoo` command line: list, convert, verify, inspect."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional, Tuple
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="PyTorch CNNs (timm / torchvision) as dm-haiku and Equinox models, converted exactly.")
+console = Console()
+err_console = Console(stderr=True)
+_debug = {"on": False}
+
+
+class Framework(str, Enum):
+    haiku = "haiku"
+    equinox = "equinox"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+class Precision(str, Enum):
+    highest = "highest"
+    default = "default"
+
+
+class Library(str, Enum):
+    timm = "timm"
+    torchvision = "torchvision"
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
+    _debug["on"] = debug
+
+
+def _fail(e: BaseException) -> None:
+    if _debug["on"]:
+        raise e
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, KeyError):
+        msg = str(e.args[0]) if e.args else msg
+    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _overrides(num_classes: Optional[int], no_aux: bool = False) -> dict:
+    out = {}
+    if num_classes is not None:
+        out["num_classes"] = num_classes
+    if no_aux:
+        out["aux_logits"] = False
+    return out
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@app.command("list")
+def list_(pattern: str = typer.Argument("*", help="Glob over model names."),
+          as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """List the registered architectures."""
+    from zoo import registry
+
+    names = registry.list_models(pattern)
+    if as_json:
+        print(json.dumps([{"name": n, "timm": registry.get(n).timm, "torchvision": registry.get(n).torchvision}
+                          for n in names]))
+        return
+    table = Table(title=f"{len(names)} models")
+    for col in ("name", "timm", "torchvision"):
+        table.add_column(col)
+    for n in names:
+        e = registry.get(n)
+        table.add_row(n, e.timm or "-", e.torchvision or "-")
+    console.print(table)
+
+
+@app.command()
+def convert(
+    name: str = typer.Argument(..., help="Architecture, e.g. resnet50 (see `zoo list`)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c",
+                                              help="PyTorch checkpoint: .pth/.pt/.bin/.safetensors."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Fetch weights via timm/torchvision (needs network)."),
+    library: Optional[Library] = typer.Option(None, help="Library for --pretrained (default: timm when it has the model)."),
+    framework: Framework = typer.Option(..., "--framework", "-f"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
+    fold_bn: bool = typer.Option(False, "--fold-bn", help="Fold BatchNorm into the preceding convs (inference only)."),
+    num_classes: Optional[int] = typer.Option(None, help="Classifier size (default: read from the checkpoint)."),
+    no_aux: bool = typer.Option(False, "--no-aux", help="GoogLeNet: drop the auxiliary classifiers."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+) -> None:
+    """Convert a PyTorch checkpoint into a zoo .safetensors file."""
+    try:
+        from converters.convert import convert_to_file
+        from converters.torch_models import pretrained_state_dict
+
+        if (checkpoint is None) == (not pretrained):
+            raise ValueError("pass exactly one of --checkpoint FILE and --pretrained")
+        if out.exists() and not force:
+            raise FileExistsError(f"{out} exists; pass --force to overwrite")
+        with console.status(f"converting {name} to {framework.value}…"):
+            source = checkpoint if checkpoint is not None else pretrained_state_dict(
+                name, library.value if library else None)
+            path = convert_to_file(name, source, framework.value, out, fold_bn=fold_bn, force=force,
+                                   overrides=_overrides(num_classes, no_aux))
+        console.print(f"wrote {path} ({_human(path.stat().st_size)})")
+    except Exception as e:  # noqa: BLE001 - one line per error, traceback under --debug
+        _fail(e)
+
+
+@app.command()
+def verify(
+    name: str = typer.Argument(..., help="Architecture, e.g. resnet50."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="The PyTorch checkpoint."),
+    framework: Framework = typer.Option(..., "--framework", "-f"),
+    converted: Optional[Path] = typer.Option(None, "--converted",
+                                             help="A zoo file to check (default: convert in memory)."),
+    fold_bn: bool = typer.Option(False, "--fold-bn"),
+    device: Device = typer.Option(Device.auto, "--device"),
+    batch: int = typer.Option(4, "--batch"),
+    size: Tuple[int, int] = typer.Option((224, 224), "--size", help="Input height and width: --size H W."),
+    precision: Precision = typer.Option(Precision.highest, "--precision"),
+    library: Optional[Library] = typer.Option(None, help="Reference PyTorch library (default: timm when it has the model)."),
+    num_classes: Optional[int] = typer.Option(None),
+    no_aux: bool = typer.Option(False, "--no-aux"),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Run PyTorch and the converted JAX model on the same inputs and compare logits."""
+    try:
+        from converters.verify import verify as run_verify
+
+        with console.status(f"verifying {name} ({framework.value}) against PyTorch…"):
+            report = run_verify(name, str(checkpoint), framework.value, fold_bn=fold_bn, device=device.value,
+                                batch=batch, size=(size[0], size[1]), precision=precision.value, seed=seed,
+                                library=library.value if library else None,
+                                converted_file=str(converted) if converted else None,
+                                overrides=_overrides(num_classes, no_aux))
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+        return
+    if as_json:
+        print(json.dumps(report.to_dict()))
+    else:
+        table = Table(title=f"{name}: {report.framework}{' (bn folded)' if report.fold_bn else ''} vs PyTorch")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        rows = [
+            ("input", f"{report.batch}x3x{report.size[0]}x{report.size[1]}"),
+            ("devices", f"jax {report.jax_device} / torch {report.torch_device}"),
+            ("precision", report.precision),
+            ("max |Δlogit|", f"{report.max_abs:.3e}"),
+            ("‖Δ‖/‖ref‖", f"{report.rel:.3e} (tolerance {report.tolerance_rel:.0e})"),
+            ("top-1 agreement", f"{report.top1:.1%}"),
+            ("top-5 agreement", f"{report.top5:.1%}"),
+            ("result", "[green]PASS[/]" if report.passed else "[red]FAIL[/]"),
+        ]
+        for k, v in rows:
+            table.add_row(k, v)
+        console.print(table)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def info(path: Path = typer.Argument(..., help="A zoo .safetensors file."),
+         as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show a converted file's metadata, parameter count and size."""
+    try:
+        from safetensors import safe_open
+
+        from zoo.io import read_metadata
+
+        meta = read_metadata(path)
+        n_params = n_state = 0
+        with safe_open(str(path), framework="numpy") as f:
+            for key in f.keys():
+                shape = f.get_slice(key).get_shape()
+                count = 1
+                for d in shape:
+                    count *= d
+                if key.endswith((".running_mean", ".running_var")):
+                    n_state += count
+                else:
+                    n_params += count
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+        return
+    order = ("arch", "framework", "bn_folded", "num_classes", "overrides", "layout", "source",
+             "format", "format_version", "zoo_version")
+    meta = {k: meta[k] for k in sorted(meta, key=lambda k: (order.index(k) if k in order else len(order), k))}
+    summary = {**meta, "parameters": n_params, "state_values": n_state, "file_bytes": path.stat().st_size}
+    if as_json:
+        print(json.dumps(summary))
+        return
+    table = Table(title=str(path))
+    table.add_column("field")
+    table.add_column("value")
+    for k, v in summary.items():
+        table.add_row(k, f"{v:,}" if isinstance(v, int) else str(v))
+    table.add_row("size", _human(path.stat().st_size))
+    console.print(table)
+
+
+@app.command("random-checkpoint")
+def random_checkpoint(
+    name: str = typer.Argument(..., help="Architecture."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write (.pth or .safetensors)."),
+    library: Optional[Library] = typer.Option(None),
+    seed: int = typer.Option(0),
+    force: bool = typer.Option(False, "--force"),
+) -> None:
+    """Write a PyTorch checkpoint with random weights and randomised BatchNorm statistics (for trying
+    the tools where model hubs are unreachable)."""
+    try:
+        import torch
+
+        from converters.torch_models import random_model
+
+        if out.exists() and not force:
+            raise FileExistsError(f"{out} exists; pass --force to overwrite")
+        with console.status(f"building a random {name}…"):
+            sd = random_model(name, library.value if library else None, seed=seed).state_dict()
+            if out.suffix == ".safetensors":
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in sd.items()}, str(out))
+            else:
+                torch.save(sd, str(out))
+        console.print(f"wrote {out} ({_human(out.stat().st_size)})")
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -140,23 +140,23 @@ def verify(arch: str, checkpoint: Any, framework: str, *, fold_bn: bool = False,
         raise ValueError(f"precision must be one of {', '.join(TOLERANCES)}")
     sd = load_state_dict(checkpoint)
     overrides = infer_overrides(arch, sd, overrides or {})
-    model = torch_model(arch, library, **overrides)
-    import torch
-
-    result = model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
-    # Only the BatchNorm step counters, which zoo drops on reading, may be absent.
-    missing = [k for k in result.missing_keys if not k.endswith(IGNORED_SUFFIXES)]
-    if missing or result.unexpected_keys:
-        raise ConversionError(missing, result.unexpected_keys, context=f"checkpoint does not fit PyTorch's {arch}")
+    # The checked conversion first: its error lists every mismatch, PyTorch's stops at the first.
     if converted_file is not None:
         loaded = load_file(converted_file, framework)
         if loaded.arch != arch:
             raise ValueError(f"{converted_file} holds {loaded.arch}, not {arch}")
         fold_bn = loaded.fold_bn
     else:
-        source = describe_source(checkpoint)
         loaded = convert_state_dict(arch, sd, framework, fold_bn=fold_bn, overrides=overrides,
-                                    source=source).loaded
+                                    source=describe_source(checkpoint)).loaded
+    import torch
+
+    model = torch_model(arch, library, **overrides)
+    result = model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
+    # Only the BatchNorm step counters, which zoo drops on reading, may be absent.
+    missing = [k for k in result.missing_keys if not k.endswith(IGNORED_SUFFIXES)]
+    if missing or result.unexpected_keys:
+        raise ConversionError(missing, result.unexpected_keys, context=f"checkpoint does not fit PyTorch's {arch}")
     x = inputs(batch, size, loaded.plan.spec.in_chans, seed)
     jdev, tdev = jax_device(device), torch_device(device)
     ref = run_torch(model, x, tdev, precision)

@@ -1,0 +1,90 @@
+"""The Python API: creating models, mixed precision, and a light `import zoo`."""
+
+import subprocess
+import sys
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import zoo
+import zoo.equinox
+import zoo.haiku
+
+
+def test_import_zoo_does_not_import_torch():
+    code = ("import sys, zoo, zoo.haiku, zoo.equinox, zoo.io, zoo.model; zoo.list_models(); "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert 'haiku' not in sys.modules or 'zoo.haiku' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    code = "import sys, zoo; assert 'haiku' not in sys.modules and 'equinox' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_list_models():
+    assert {"resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2"} <= set(zoo.list_models())
+    assert zoo.list_models("resnext*") == sorted(n for n in zoo.list_models() if n.startswith("resnext"))
+
+
+def test_haiku_create_layouts_and_names():
+    net = zoo.haiku.create("resnet50", num_classes=10)
+    x = jnp.zeros((2, 64, 72, 3))
+    params, state = net.init(jax.random.key(0), x, is_training=True)
+    assert params["conv1"]["w"].shape == (7, 7, 3, 64)  # HWIO
+    assert params["fc"]["w"].shape == (2048, 10)  # (in, out)
+    assert params["layer1_0/downsample_0"]["w"].shape == (1, 1, 64, 256)
+    assert set(state["bn1"]) == {"mean", "var"}
+    logits, _ = net.apply(params, state, None, x, is_training=False)
+    assert logits.shape == (2, 10)
+
+
+def test_equinox_create_layouts_names_and_modes():
+    model, state = zoo.equinox.create("resnet18", key=jax.random.key(0), num_classes=10)
+    assert model.conv1.weight.shape == (64, 3, 7, 7)  # OIHW
+    assert model.fc.weight.shape == (10, 512)  # (out, in)
+    assert model.layer2[0].downsample[0].weight.shape == (128, 64, 1, 1)
+    x = jnp.ones((3, 3, 40, 44))
+    batched = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+    _, new_state = batched(x, state)
+    idx = model.bn1.state_index
+    assert not np.allclose(new_state.get(idx)[0], state.get(idx)[0])  # training updates statistics
+    frozen = eqx.nn.inference_mode(model)
+    _, same = jax.vmap(frozen, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
+    np.testing.assert_array_equal(same.get(idx)[0], state.get(idx)[0])
+
+
+def test_folded_models_have_no_batchnorm():
+    net = zoo.haiku.create("resnet18", fold_bn=True)
+    params, state = net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), is_training=False)
+    assert state == {} and not any("bn" in m for m in params)
+    assert params["conv1"]["b"].shape == (64,)
+    model, state = zoo.equinox.create("resnet18", key=jax.random.key(0), fold_bn=True)
+    assert model.bn1 is None and model.conv1.bias is not None
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("framework", ["haiku", "equinox"])
+def test_mixed_precision_keeps_float32_parameters(framework, dtype):
+    x = jax.random.normal(jax.random.key(1), (2, 3, 48, 56))
+    if framework == "haiku":
+        net32 = zoo.haiku.create("resnet18")
+        params, state = net32.init(jax.random.key(0), x.transpose(0, 2, 3, 1), is_training=False)
+        low = zoo.haiku.create("resnet18", dtype=dtype)
+        ref, _ = net32.apply(params, state, None, x.transpose(0, 2, 3, 1), is_training=False)
+        out, new_state = low.apply(params, state, None, x.transpose(0, 2, 3, 1), is_training=True)
+        out, _ = low.apply(params, state, None, x.transpose(0, 2, 3, 1), is_training=False)
+        leaves = jax.tree_util.tree_leaves((params, new_state))
+    else:
+        model, state = zoo.equinox.create("resnet18", key=jax.random.key(0))
+        low, _ = zoo.equinox.create("resnet18", key=jax.random.key(0), dtype=dtype)
+        run = lambda m: jax.vmap(eqx.nn.inference_mode(m), axis_name="batch", in_axes=(0, None),  # noqa: E731
+                                 out_axes=(0, None))(x, state)[0]
+        ref, out = run(model), run(low)
+        _, new_state = jax.vmap(low, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
+        leaves = [l for l in jax.tree_util.tree_leaves((low, new_state)) if eqx.is_array(l)]
+    assert out.dtype == jnp.float32  # logits come back in float32
+    assert all(leaf.dtype == jnp.float32 for leaf in leaves)
+    rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    assert rel < 5e-2

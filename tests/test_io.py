@@ -1,0 +1,142 @@
+"""The zoo file format: exact round trips, metadata, checked loading, safe writes."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file as st_load
+from safetensors.numpy import save_file as st_save
+
+import zoo
+import zoo.equinox
+import zoo.haiku
+from converters.convert import convert, convert_to_file
+from converters.verify import inputs
+from zoo.checked import ConversionError
+from zoo.io import FormatError, read_metadata
+
+from .conftest import cached_random_model, rel_err
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    import torch
+
+    path = tmp_path_factory.mktemp("ckpt") / "resnet18.pth"
+    torch.save(cached_random_model("resnet18").state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("fold_bn", [False, True])
+@pytest.mark.parametrize("framework", ["haiku", "equinox"])
+def test_round_trip_is_exact(tmp_path, checkpoint, framework, fold_bn):
+    converted = convert("resnet18", checkpoint, framework, fold_bn=fold_bn)
+    out = convert_to_file("resnet18", checkpoint, framework, tmp_path / "m.safetensors", fold_bn=fold_bn)
+    stored = st_load(str(out))
+    assert set(stored) == set(converted.arrays)
+    for k, v in converted.arrays.items():
+        np.testing.assert_array_equal(stored[k], v, err_msg=k)
+    if framework == "haiku":
+        transformed, params, state = zoo.haiku.load(out)
+        named = zoo.haiku.named_arrays(params, state)
+        assert not fold_bn or state == {}
+    else:
+        model, state = zoo.equinox.load(out)
+        named = zoo.equinox.named_arrays(model, state)
+    assert set(named) == set(converted.arrays)
+    for k, v in converted.arrays.items():
+        np.testing.assert_array_equal(np.asarray(named[k]), v, err_msg=k)
+
+
+def test_metadata(tmp_path, checkpoint):
+    out = convert_to_file("resnet18", checkpoint, "haiku", tmp_path / "m.safetensors", fold_bn=True)
+    meta = read_metadata(out)
+    assert meta["format"] == "zoo" and meta["format_version"] == "1"
+    assert meta["framework"] == "haiku" and meta["arch"] == "resnet18"
+    assert meta["bn_folded"] == "true" and meta["num_classes"] == "1000"
+    assert "HWIO" in meta["layout"] and meta["zoo_version"] == zoo.__version__
+    source = json.loads(meta["source"])
+    assert source["kind"] == "file" and source["name"] == "resnet18.pth" and len(source["sha256"]) == 64
+
+
+def test_zoo_load_predicts_like_pytorch_in_both_frameworks(tmp_path, checkpoint):
+    import torch
+
+    x = inputs(2, (65, 79))
+    with torch.no_grad():
+        ref = cached_random_model("resnet18")(torch.from_numpy(x)).numpy()
+    for framework in ("haiku", "equinox"):
+        path = convert_to_file("resnet18", checkpoint, framework, tmp_path / f"{framework}.safetensors")
+        model = zoo.load(path)
+        assert model.framework == framework and model.arch == "resnet18"
+        assert rel_err(ref, model.predict(x)) <= 1e-5
+        # A file loads into the other framework too (its tensors are re-laid out).
+        other = "equinox" if framework == "haiku" else "haiku"
+        assert rel_err(ref, zoo.load(path, framework=other).predict(x)) <= 1e-5
+
+
+def test_num_classes_is_read_from_the_checkpoint(tmp_path):
+    from converters.torch_models import random_model
+
+    sd = random_model("resnet18", num_classes=7).state_dict()
+    converted = convert("resnet18", sd, "equinox")
+    assert converted.loaded.metadata["num_classes"] == "7"
+    assert json.loads(converted.loaded.metadata["overrides"]) == {"num_classes": 7}
+
+
+def test_existing_output_is_not_overwritten(tmp_path, checkpoint):
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError):
+        convert_to_file("resnet18", checkpoint, "haiku", out)
+    assert out.read_bytes() == b"keep me"
+    convert_to_file("resnet18", checkpoint, "haiku", out, force=True)
+    assert read_metadata(out)["arch"] == "resnet18"
+
+
+def test_failed_conversion_leaves_no_file(tmp_path, checkpoint):
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(ConversionError):
+        convert_to_file("resnet34", checkpoint, "haiku", out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tampered_file_fails_with_every_problem_listed(tmp_path, checkpoint):
+    out = convert_to_file("resnet18", checkpoint, "equinox", tmp_path / "m.safetensors")
+    tensors = st_load(str(out))
+    meta = read_metadata(out)
+    del tensors["layer2.1.conv2.weight"]
+    tensors["extra.weight"] = np.zeros(3, np.float32)
+    tensors["fc.bias"] = np.zeros(10, np.float32)
+    st_save(tensors, str(out), metadata=meta)
+    with pytest.raises(ConversionError) as e:
+        zoo.equinox.load(out)
+    assert e.value.missing == ["layer2.1.conv2.weight"]
+    assert e.value.unexpected == ["extra.weight"]
+    assert [m[0] for m in e.value.misshaped] == ["fc.bias"]
+
+
+def test_metadata_mismatch_fails(tmp_path, checkpoint):
+    out = convert_to_file("resnet18", checkpoint, "haiku", tmp_path / "m.safetensors")
+    tensors, meta = st_load(str(out)), read_metadata(out)
+    st_save(tensors, str(tmp_path / "wrong_arch.safetensors"), metadata={**meta, "arch": "resnet34"})
+    with pytest.raises(ConversionError, match="does not fit resnet34"):
+        zoo.load(tmp_path / "wrong_arch.safetensors")
+    st_save(tensors, str(tmp_path / "v9.safetensors"), metadata={**meta, "format_version": "9"})
+    with pytest.raises(FormatError, match="version 9"):
+        zoo.load(tmp_path / "v9.safetensors")
+    st_save(tensors, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(FormatError, match="not a zoo file"):
+        zoo.load(tmp_path / "plain.safetensors")
+    st_save(tensors, str(tmp_path / "unknown.safetensors"), metadata={**meta, "arch": "resnet9000"})
+    with pytest.raises(FormatError, match="unknown model"):
+        zoo.load(tmp_path / "unknown.safetensors")
+
+
+def test_model_predict_is_jitted_and_batched(tmp_path, checkpoint):
+    path = convert_to_file("resnet18", checkpoint, "equinox", tmp_path / "m.safetensors", fold_bn=True)
+    model = zoo.load(path)
+    out = model.predict(np.zeros((3, 3, 40, 48), np.float32))
+    assert out.shape == (3, 1000) and out.dtype == np.float32
+    assert isinstance(out, jax.Array)

@@ -1,0 +1,64 @@
+"""Pooling and normalisation numerics against PyTorch's functional ops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zoo import ops
+from zoo.spec import PoolSpec
+
+
+def _nhwc(x):
+    return jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("h,w", [(7, 7), (14, 13), (15, 22), (28, 29)])
+@pytest.mark.parametrize("k,s,p", [(3, 2, 1), (3, 2, 0), (2, 2, 0), (3, 1, 1), (5, 3, 2)])
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_max_pool_matches_torch(h, w, k, s, p, ceil_mode):
+    x = torch.randn(2, 3, h, w) - 3.0  # all-negative inputs: padding must never win the max
+    ref = F.max_pool2d(x, k, s, p, ceil_mode=ceil_mode).numpy().transpose(0, 2, 3, 1)
+    out = ops.max_pool(_nhwc(x), PoolSpec("max", k, s, p, ceil_mode))
+    np.testing.assert_array_equal(np.asarray(out), ref)
+
+
+@pytest.mark.parametrize("h,w", [(7, 7), (14, 13), (15, 22)])
+@pytest.mark.parametrize("k,s,p", [(3, 2, 1), (2, 2, 0), (3, 1, 1), (5, 3, 2)])
+@pytest.mark.parametrize("ceil_mode", [False, True])
+@pytest.mark.parametrize("count_include_pad", [False, True])
+def test_avg_pool_matches_torch(h, w, k, s, p, ceil_mode, count_include_pad):
+    x = torch.randn(2, 3, h, w)
+    ref = F.avg_pool2d(x, k, s, p, ceil_mode=ceil_mode, count_include_pad=count_include_pad)
+    out = ops.avg_pool(_nhwc(x), PoolSpec("avg", k, s, p, ceil_mode, count_include_pad))
+    np.testing.assert_allclose(np.asarray(out), ref.numpy().transpose(0, 2, 3, 1), rtol=1e-6, atol=1e-6)
+
+
+def test_pools_on_chw_examples():
+    x = torch.randn(3, 15, 22)
+    ref = F.max_pool2d(x[None], 3, 2, 1, ceil_mode=True)[0]
+    out = ops.max_pool(jnp.asarray(x.numpy()), PoolSpec("max", 3, 2, 1, True))
+    np.testing.assert_array_equal(np.asarray(out), ref.numpy())
+
+
+def test_bn_moments_across_vmapped_batch_match_torch():
+    x = torch.randn(5, 4, 6, 7) * 3 + 1
+    bn = torch.nn.BatchNorm2d(4).train()
+    bn(x)
+    mean, var, unbiased = jax.vmap(lambda e: ops.bn_moments(e, (1, 2), "b"), axis_name="b",
+                                   out_axes=None)(jnp.asarray(x.numpy()))
+    np.testing.assert_allclose(mean, x.mean((0, 2, 3)).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, x.var((0, 2, 3), unbiased=False).numpy(), rtol=1e-5)
+    # PyTorch's running update: 0.9 * 1 + 0.1 * unbiased variance.
+    np.testing.assert_allclose(0.9 + 0.1 * np.asarray(unbiased), bn.running_var.numpy(), rtol=1e-5)
+
+
+def test_drop_path_zeroes_whole_samples_and_rescales():
+    x = jnp.ones((64, 2, 2, 3))
+    y = np.asarray(ops.drop_path(x, 0.5, jax.random.key(0), batch_axis=0))
+    per_sample = y.reshape(64, -1)
+    assert set(np.unique(per_sample)) <= {0.0, 2.0}
+    assert all(len(np.unique(r)) == 1 for r in per_sample)
+    assert ops.drop_path(x, 0.5, None, 0) is x

@@ -1,0 +1,50 @@
+"""Logit parity with the real timm / torchvision models, over the registry."""
+
+import pytest
+
+from converters.verify import verify
+from zoo import registry
+
+from .conftest import cached_random_model
+
+CI_MODELS = [n for n in registry.list_models() if registry.get(n).ci]
+SLOW_MODELS = [n for n in registry.list_models() if not registry.get(n).ci]
+ODD_SIZE = (67, 93)  # odd, non-square: exercises padding, ceil_mode and stride-2 rounding
+
+
+def _check(arch, framework, fold_bn, size, library=None, batch=2):
+    model = cached_random_model(arch, library)
+    report = verify(arch, model.state_dict(), framework, fold_bn=fold_bn, batch=batch, size=size,
+                    precision="highest", library=library)
+    assert report.rel <= 1e-5, report
+    assert report.top1 == 1.0, report
+    return report
+
+
+@pytest.mark.parametrize("fold_bn", [False, True], ids=["bn", "folded"])
+@pytest.mark.parametrize("framework", ["haiku", "equinox"])
+@pytest.mark.parametrize("arch", CI_MODELS)
+def test_parity_odd_size(arch, framework, fold_bn):
+    _check(arch, framework, fold_bn, ODD_SIZE)
+
+
+@pytest.mark.parametrize("fold_bn", [False, True], ids=["bn", "folded"])
+@pytest.mark.parametrize("framework", ["haiku", "equinox"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_parity_224(arch, framework, fold_bn):
+    _check(arch, framework, fold_bn, (224, 224))
+
+
+@pytest.mark.parametrize("framework", ["haiku", "equinox"])
+@pytest.mark.parametrize("arch", [n for n in CI_MODELS if registry.get(n).torchvision and registry.get(n).timm])
+def test_parity_torchvision_reference(arch, framework):
+    """The torchvision model with the same module tree (and its checkpoints) converts exactly too."""
+    _check(arch, framework, False, ODD_SIZE, library="torchvision", batch=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fold_bn", [False, True], ids=["bn", "folded"])
+@pytest.mark.parametrize("framework", ["haiku", "equinox"])
+@pytest.mark.parametrize("arch", SLOW_MODELS)
+def test_parity_slow(arch, framework, fold_bn):
+    _check(arch, framework, fold_bn, ODD_SIZE)
