@@ -123,11 +123,13 @@ def inputs(batch: int, size: tuple[int, int], channels: int = 3, seed: int = 0) 
 def verify(arch: str, checkpoint: Any, framework: str, *, fold_bn: bool = False, device: str = "auto",
            batch: int = 4, size: tuple[int, int] = (224, 224), precision: str = "highest", seed: int = 0,
            library: Optional[str] = None, converted_file: Optional[str] = None,
-           overrides: Optional[Mapping[str, Any]] = None) -> Report:
+           overrides: Optional[Mapping[str, Any]] = None, reference: Any = None) -> Report:
     """Compare PyTorch's logits for `checkpoint` with the converted model's.
 
     The JAX side is converted from `checkpoint` in memory, or read from `converted_file` (a zoo
-    file made by `zoo convert`) to check that file.
+    file made by `zoo convert`) to check that file. The PyTorch side is built from the registry
+    and loaded with `checkpoint`, unless `reference` (an `nn.Module` whose weights `checkpoint`
+    holds, e.g. the model itself) is given.
     """
     from zoo.checked import ConversionError
     from zoo.io import load_file
@@ -149,14 +151,18 @@ def verify(arch: str, checkpoint: Any, framework: str, *, fold_bn: bool = False,
     else:
         loaded = convert_state_dict(arch, sd, framework, fold_bn=fold_bn, overrides=overrides,
                                     source=describe_source(checkpoint)).loaded
-    import torch
+    if reference is not None:
+        model = reference
+    else:
+        import torch
 
-    model = torch_model(arch, library, **overrides)
-    result = model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
-    # Only the BatchNorm step counters, which zoo drops on reading, may be absent.
-    missing = [k for k in result.missing_keys if not k.endswith(IGNORED_SUFFIXES)]
-    if missing or result.unexpected_keys:
-        raise ConversionError(missing, result.unexpected_keys, context=f"checkpoint does not fit PyTorch's {arch}")
+        model = torch_model(arch, library, **overrides)
+        result = model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
+        # Only the BatchNorm step counters, which zoo drops on reading, may be absent.
+        missing = [k for k in result.missing_keys if not k.endswith(IGNORED_SUFFIXES)]
+        if missing or result.unexpected_keys:
+            raise ConversionError(missing, result.unexpected_keys,
+                                  context=f"checkpoint does not fit PyTorch's {arch}")
     x = inputs(batch, size, loaded.plan.spec.in_chans, seed)
     jdev, tdev = jax_device(device), torch_device(device)
     ref = run_torch(model, x, tdev, precision)

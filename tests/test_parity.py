@@ -14,8 +14,8 @@ ODD_SIZE = (67, 93)  # odd, non-square: exercises padding, ceil_mode and stride-
 
 def _check(arch, framework, fold_bn, size, library=None, batch=2):
     model = cached_random_model(arch, library)
-    report = verify(arch, model.state_dict(), framework, fold_bn=fold_bn, batch=batch, size=size,
-                    precision="highest", library=library)
+    report = verify(arch, model, framework, fold_bn=fold_bn, batch=batch, size=size,
+                    precision="highest", library=library, reference=model)
     assert report.rel <= 1e-5, report
     assert report.top1 == 1.0, report
     return report
