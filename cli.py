@@ -55,13 +55,20 @@ def _fail(e: BaseException) -> None:
     raise typer.Exit(1)
 
 
-def _overrides(num_classes: Optional[int], no_aux: bool = False) -> dict:
+def _overrides(num_classes: Optional[int], no_aux: bool = False,
+               transform_input: Optional[bool] = None) -> dict:
     out = {}
     if num_classes is not None:
         out["num_classes"] = num_classes
     if no_aux:
         out["aux_logits"] = False
+    if transform_input is not None:
+        out["transform_input"] = transform_input
     return out
+
+
+_TRANSFORM_INPUT_HELP = ("GoogLeNet: re-normalise ImageNet-normalised inputs as torchvision's pretrained "
+                         "weights expect (implied by --pretrained).")
 
 
 def _human(n: float) -> str:
@@ -104,22 +111,29 @@ def convert(
     fold_bn: bool = typer.Option(False, "--fold-bn", help="Fold BatchNorm into the preceding convs (inference only)."),
     num_classes: Optional[int] = typer.Option(None, help="Classifier size (default: read from the checkpoint)."),
     no_aux: bool = typer.Option(False, "--no-aux", help="GoogLeNet: drop the auxiliary classifiers."),
+    transform_input: Optional[bool] = typer.Option(None, "--transform-input/--no-transform-input",
+                                                   help=_TRANSFORM_INPUT_HELP),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
 ) -> None:
     """Convert a PyTorch checkpoint into a zoo .safetensors file."""
     try:
         from converters.convert import convert_to_file
-        from converters.torch_models import pretrained_state_dict
+        from converters.torch_models import pretrained_overrides, pretrained_state_dict
 
         if (checkpoint is None) == (not pretrained):
             raise ValueError("pass exactly one of --checkpoint FILE and --pretrained")
         if out.exists() and not force:
             raise FileExistsError(f"{out} exists; pass --force to overwrite")
+        overrides = _overrides(num_classes, no_aux, transform_input)
         with console.status(f"converting {name} to {framework.value}…"):
-            source = checkpoint if checkpoint is not None else pretrained_state_dict(
-                name, library.value if library else None)
+            if checkpoint is not None:
+                source = checkpoint
+            else:
+                lib = library.value if library else None
+                source = pretrained_state_dict(name, lib)
+                overrides = {**pretrained_overrides(name, lib), **overrides}
             path = convert_to_file(name, source, framework.value, out, fold_bn=fold_bn, force=force,
-                                   overrides=_overrides(num_classes, no_aux))
+                                   overrides=overrides)
         console.print(f"wrote {path} ({_human(path.stat().st_size)})")
     except Exception as e:  # noqa: BLE001 - one line per error, traceback under --debug
         _fail(e)
@@ -140,6 +154,8 @@ def verify(
     library: Optional[Library] = typer.Option(None, help="Reference PyTorch library (default: timm when it has the model)."),
     num_classes: Optional[int] = typer.Option(None),
     no_aux: bool = typer.Option(False, "--no-aux"),
+    transform_input: Optional[bool] = typer.Option(None, "--transform-input/--no-transform-input",
+                                                   help=_TRANSFORM_INPUT_HELP),
     seed: int = typer.Option(0),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -152,7 +168,7 @@ def verify(
                                 batch=batch, size=(size[0], size[1]), precision=precision.value, seed=seed,
                                 library=library.value if library else None,
                                 converted_file=str(converted) if converted else None,
-                                overrides=_overrides(num_classes, no_aux))
+                                overrides=_overrides(num_classes, no_aux, transform_input))
     except Exception as e:  # noqa: BLE001
         _fail(e)
         return

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from zoo import registry
-from zoo.checked import checked_merge
+from zoo.checked import ConversionError, checked_merge
 from zoo.frameworks import adapter
 from zoo.io import Loaded, build_metadata, save_file
 
@@ -29,14 +29,53 @@ class Converted:
 
 
 def infer_overrides(arch: str, sd: Mapping[str, np.ndarray], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Fill in `num_classes` from the checkpoint's classifier when the caller did not set it."""
+    """Fill in `num_classes` from the checkpoint's classifier when the caller did not set it, and
+    `aux_logits=False` when the checkpoint has none of the auxiliary heads (GoogLeNet)."""
     out = dict(overrides)
     if "num_classes" not in out:
         fc = registry.get_spec(arch).plan().fc
         w = sd.get(f"{fc.name}.weight")
         if w is not None and w.ndim == 2 and w.shape[0] != registry.get_spec(arch).num_classes:
             out["num_classes"] = int(w.shape[0])
+    if "aux_logits" not in out and getattr(registry.get_spec(arch), "aux_logits", False):
+        if not any(k.startswith(_aux_prefixes(arch)) for k in sd):
+            out["aux_logits"] = False
+    # A spec may read more of its options from the checkpoint's shapes (pruned ResNets: per-conv
+    # widths); options the caller set win.
+    hook = getattr(registry.get_spec(arch, **out), "overrides_from_state_dict", None)
+    if hook is not None:
+        for key, value in hook({k: np.shape(v) for k, v in sd.items()}).items():
+            out.setdefault(key, value)
     return out
+
+
+def consume_fixed_buffers(sd: Mapping[str, np.ndarray], plan: Any) -> Mapping[str, np.ndarray]:
+    """Constant buffers a checkpoint may carry (older timm saved BlurPool2d's `filt`) must equal
+    the architecture's fixed values; they are then dropped, since the models compute them."""
+    fixed = plan.fixed_buffers() if hasattr(plan, "fixed_buffers") else {}
+    present = [k for k in fixed if k in sd]
+    if not present:
+        return sd
+    wrong = [k for k in present
+             if np.shape(sd[k]) != fixed[k].shape or not np.array_equal(np.asarray(sd[k]), fixed[k])]
+    if wrong:
+        raise ConversionError(unexpected=[f"{k} (differs from the fixed filter)" for k in wrong],
+                              context="checkpoint's constant buffers")
+    return {k: v for k, v in sd.items() if k not in fixed}
+
+
+def _aux_prefixes(arch: str) -> tuple[str, ...]:
+    return tuple(f"{aux.name}." for aux in registry.get_spec(arch, aux_logits=True).plan().aux)
+
+
+def drop_unused_aux(arch: str, sd: Mapping[str, np.ndarray], spec: Any) -> Mapping[str, np.ndarray]:
+    """Without the auxiliary heads (`aux_logits=False` asked for), remove the checkpoint's aux
+    tensors, as torchvision does for its pretrained GoogLeNet. Only those go: any other tensor
+    the model lacks still fails the checked merge."""
+    if getattr(spec, "aux_logits", True):
+        return sd
+    prefixes = _aux_prefixes(arch)
+    return {k: v for k, v in sd.items() if not k.startswith(prefixes)}
 
 
 def convert_state_dict(arch: str, sd: Mapping[str, np.ndarray], framework: str, *, fold_bn: bool = False,
@@ -45,6 +84,8 @@ def convert_state_dict(arch: str, sd: Mapping[str, np.ndarray], framework: str, 
     overrides = infer_overrides(arch, sd, overrides or {})
     spec = registry.get_spec(arch, **overrides)
     plan = spec.plan(fold_bn)
+    sd = drop_unused_aux(arch, sd, spec)
+    sd = consume_fixed_buffers(sd, plan)
     if fold_bn:
         eps = {n.name: n.eps for n in plan.norms}
         sd = fold_batchnorm(sd, plan.fold_pairs(), eps)

@@ -134,7 +134,9 @@ def verify(arch: str, checkpoint: Any, framework: str, *, fold_bn: bool = False,
     from zoo.checked import ConversionError
     from zoo.io import load_file
 
-    from .convert import convert_state_dict, infer_overrides
+    from zoo import registry
+
+    from .convert import convert_state_dict, drop_unused_aux, infer_overrides
     from .state_dict import IGNORED_SUFFIXES, describe_source, load_state_dict
     from .torch_models import torch_model
 
@@ -142,6 +144,8 @@ def verify(arch: str, checkpoint: Any, framework: str, *, fold_bn: bool = False,
         raise ValueError(f"precision must be one of {', '.join(TOLERANCES)}")
     sd = load_state_dict(checkpoint)
     overrides = infer_overrides(arch, sd, overrides or {})
+    # Heads the user asked to drop (GoogLeNet's --no-aux) are absent from both sides.
+    sd = drop_unused_aux(arch, sd, registry.get_spec(arch, **overrides))
     # The checked conversion first: its error lists every mismatch, PyTorch's stops at the first.
     if converted_file is not None:
         loaded = load_file(converted_file, framework)

@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     ap.add_argument("--precision", default="highest", choices=["highest", "default"])
-    ap.add_argument("--out", default="docs/parity")
+    ap.add_argument("--out", default="docs/parity_table")
     args = ap.parse_args()
 
     import jax

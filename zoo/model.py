@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -50,6 +51,8 @@ class Model:
 
 
 def make_predict(loaded: Loaded, dtype: Any = jnp.float32) -> Callable[[Array], Array]:
+    # Parameters go in as arguments, never as closed-over constants: a jitted closure would embed
+    # every weight in the executable (compile time and memory grow with the model).
     if loaded.framework == "haiku":
         from .haiku import build
 
@@ -57,24 +60,21 @@ def make_predict(loaded: Loaded, dtype: Any = jnp.float32) -> Callable[[Array], 
         params, state = loaded.objects
 
         @jax.jit
-        def predict(x: Array) -> Array:
+        def apply(params: Any, state: Any, x: Array) -> Array:
             logits, _ = net.apply(params, state, None, jnp.transpose(x, (0, 2, 3, 1)), is_training=False)
             return logits
 
-        return predict
+        return functools.partial(apply, params, state)
 
     import equinox as eqx
 
     from .equinox import BATCH_AXIS
 
     model, state = loaded.objects
-    model = eqx.nn.inference_mode(model)
 
     @eqx.filter_jit
-    def predict_eqx(x: Array) -> Array:
+    def apply_eqx(model: Any, state: Any, x: Array) -> Array:
         batched = jax.vmap(model, axis_name=BATCH_AXIS, in_axes=(0, None), out_axes=(0, None))
         return batched(x, state)[0]
 
-    return predict_eqx
-
-
+    return functools.partial(apply_eqx, eqx.nn.inference_mode(model), state)

@@ -69,6 +69,8 @@ def avg_pool(x: Array, p: PoolSpec, axes: Sequence[int] = SPATIAL) -> Array:
 
 
 def pool(x: Array, p: PoolSpec, axes: Sequence[int] = SPATIAL) -> Array:
+    if p.kind == "avg_same":
+        return avg_pool_same(x, p, axes)
     return max_pool(x, p, axes) if p.kind == "max" else avg_pool(x, p, axes)
 
 
@@ -146,3 +148,101 @@ def dropout(x: Array, rate: float, key: Optional[Array]) -> Array:
     keep = 1.0 - rate
     mask = jax.random.bernoulli(key, keep, x.shape)
     return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+def adaptive_avg_pool(x: Array, out_hw: Sequence[int], axes: Sequence[int] = SPATIAL) -> Array:
+    """PyTorch's adaptive average pooling: output cell i of an axis of length n averages inputs
+    floor(i*n/out) .. ceil((i+1)*n/out) - 1, so windows are uneven and overlap when `out` does
+    not divide n (14 -> 4 gives 0-3, 3-6, 7-10, 10-13). The windows are rectangles, so pooling
+    one axis after the other gives the same means as PyTorch's 2-D windows."""
+    for axis, out in zip(axes, out_hw):
+        n = x.shape[axis]
+        cells = [jnp.mean(jax.lax.slice_in_dim(x, (i * n) // out, -(-((i + 1) * n) // out), axis=axis),
+                          axis=axis, keepdims=True) for i in range(out)]
+        x = jnp.concatenate(cells, axis=axis)
+    return x
+
+
+# --- ResNet-family extras (attention, anti-aliasing, DropBlock) -------------------------------
+
+
+def conv1d(x: Array, w: Array, b: Optional[Array], *, padding: int,
+           dimension_numbers: tuple[str, str, str]) -> Array:
+    """1-D convolution with PyTorch's symmetric zero padding (ECA's conv across channels)."""
+    y = jax.lax.conv_general_dilated(x, w.astype(x.dtype), window_strides=(1,), padding=((padding, padding),),
+                                     dimension_numbers=dimension_numbers)
+    if b is not None:
+        shape = [1] * y.ndim
+        shape[dimension_numbers[2].index("C")] = -1
+        y = y + b.astype(y.dtype).reshape(shape)
+    return y
+
+
+def blur_pool(x: Array, filt: Sequence[Sequence[float]], *, stride: int, padding: int, pad_mode: str,
+              dimension_numbers: tuple[str, str, str]) -> Array:
+    """timm's BlurPool2d: pad (reflect by default, which never repeats the edge), then a depthwise
+    strided conv with the same fixed filter for every channel. `dimension_numbers` is
+    ("NHWC", "HWIO", "NHWC") or ("NCHW", "OIHW", "NCHW")."""
+    lhs, rhs, _ = dimension_numbers
+    pads = [(padding, padding) if d in "HW" else (0, 0) for d in lhs]
+    x = jnp.pad(x, pads, mode="reflect" if pad_mode == "reflect" else "constant")
+    c = x.shape[lhs.index("C")]
+    f = jnp.asarray(filt, jnp.float32)
+    w = jnp.tile(f[:, :, None, None], (1, 1, 1, c)) if rhs == "HWIO" else jnp.tile(f[None, None], (c, 1, 1, 1))
+    return conv2d(x, w, None, stride=stride, padding=0, dilation=1, groups=c, dimension_numbers=dimension_numbers)
+
+
+def drop_block(x: Array, *, rate: float, block_size: int, gamma_scale: float, key: Array,
+               spatial_axes: Sequence[int] = SPATIAL, channel_axis: int = -1,
+               axis_name: Optional[str] = None, seeds: Optional[Array] = None) -> Array:
+    """timm's DropBlock2d (couple_channels, scale_by_keep): block centres drawn with probability
+    gamma, grown to block_size squares by a stride-1 max pool, survivors rescaled by
+    (mask size / kept count) over the whole batch. With `axis_name` (a vmapped batch of single
+    examples) that rescaling sums over the batch too. `seeds` replaces the random draw (tests)."""
+    h, w = (x.shape[a] for a in spatial_axes)
+    kh, kw = min(block_size, h), min(block_size, w)
+    gamma = float(gamma_scale * rate * h * w) / float(kh * kw) / float((h - kh + 1) * (w - kw + 1))
+    shape = list(x.shape)
+    shape[channel_axis % x.ndim] = 1
+    if seeds is None:
+        seeds = jax.random.bernoulli(key, gamma, tuple(shape))
+    seeds = seeds.astype(jnp.float32)
+    ha, wa = spatial_axes
+    window = [1] * x.ndim
+    window[ha], window[wa] = kh, kw
+    pads = [(0, 0)] * x.ndim
+    pads[ha], pads[wa] = (kh // 2, kh // 2), (kw // 2, kw // 2)
+    block = jax.lax.reduce_window(seeds, -jnp.inf, jax.lax.max, tuple(window), (1,) * x.ndim, pads)
+    # An even block makes the pooled mask one larger; PyTorch drops its first row / column.
+    block = jax.lax.slice_in_dim(block, (kh + 1) % 2, None, axis=ha)
+    block = jax.lax.slice_in_dim(block, (kw + 1) % 2, None, axis=wa)
+    keep = 1.0 - block
+    count, kept = keep.size, jnp.sum(keep)
+    if axis_name is not None:
+        count = count * jax.lax.psum(1, axis_name)
+        kept = jax.lax.psum(kept, axis_name)
+    keep = keep * (count / (kept + 1e-7))
+    return x * keep.astype(x.dtype)
+
+
+def radix_softmax(x: Array, radix: int, groups: int) -> Array:
+    """ResNeSt's RadixSoftmax over the last axis, laid out (groups, radix, rest): softmax across
+    the radix splits of each group, returned laid out (radix, groups, rest); sigmoid for radix 1."""
+    if radix == 1:
+        return jax.nn.sigmoid(x)
+    lead = x.shape[:-1]
+    x = x.reshape(*lead, groups, radix, -1)
+    x = jax.nn.softmax(x, axis=-2)
+    return jnp.swapaxes(x, -3, -2).reshape(*lead, -1)
+
+
+def avg_pool_same(x: Array, p: PoolSpec, axes: Sequence[int] = SPATIAL) -> Array:
+    """timm's AvgPool2dSame: TensorFlow "SAME" zero padding (the extra one on the right/bottom),
+    then average pooling in which the padded zeros count, since they are input by then."""
+    pads = [(0, 0)] * x.ndim
+    for a in axes:
+        n = x.shape[a]
+        total = max((-(-n // p.stride) - 1) * p.stride + p.kernel - n, 0)
+        pads[a] = (total // 2, total - total // 2)
+    x = jnp.pad(x, pads)
+    return avg_pool(x, PoolSpec("avg", p.kernel, p.stride, 0, p.ceil_mode, count_include_pad=True), axes)

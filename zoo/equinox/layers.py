@@ -15,10 +15,25 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .. import ops
-from ..spec import ConvSpec, LinearSpec, NormSpec
+from ..spec import BlurSpec, Conv1dSpec, ConvSpec, LinearSpec, NormSpec
 
 MOMENTUM = 0.1
 BATCH_AXIS = "batch"
+
+
+def _init_key(key: PRNGKeyArray) -> PRNGKeyArray:
+    """The same randomness re-keyed for XLA's RngBitGenerator: threefry kernels compile slowly on
+    CPU, once per parameter shape (minutes for a ResNet-50's initialisation); RBG's are cheap."""
+    data = jax.random.key_data(key).reshape(-1)
+    return jax.random.wrap_key_data(jnp.concatenate([data, data])[:4].astype(jnp.uint32), impl="rbg")
+
+
+def normal_init(key: PRNGKeyArray, shape: tuple[int, ...], std: float) -> Array:
+    return std * jax.random.normal(_init_key(key), shape, jnp.float32)
+
+
+def uniform_init(key: PRNGKeyArray, shape: tuple[int, ...], bound: float) -> Array:
+    return jax.random.uniform(_init_key(key), shape, jnp.float32, -bound, bound)
 
 
 class Conv2d(eqx.Module):
@@ -33,7 +48,7 @@ class Conv2d(eqx.Module):
         shape = (spec.out_ch, spec.in_ch // spec.groups, spec.kernel, spec.kernel)
         # timm's init: kaiming normal, fan_out, for ReLU.
         std = math.sqrt(2.0 / (spec.out_ch * spec.kernel * spec.kernel))
-        self.weight = std * jax.random.normal(key, shape, jnp.float32)
+        self.weight = normal_init(key, shape, std)
         self.bias = jnp.zeros((spec.out_ch,), jnp.float32) if spec.bias else None
         self.stride, self.padding = spec.stride, spec.padding
         self.dilation, self.groups = spec.dilation, spec.groups
@@ -109,8 +124,8 @@ class Linear(eqx.Module):
         # PyTorch's nn.Linear init: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias.
         bound = 1.0 / math.sqrt(spec.in_features)
         wkey, bkey = jax.random.split(key)
-        self.weight = jax.random.uniform(wkey, (spec.out_features, spec.in_features), jnp.float32, -bound, bound)
-        self.bias = jax.random.uniform(bkey, (spec.out_features,), jnp.float32, -bound, bound)
+        self.weight = uniform_init(wkey, (spec.out_features, spec.in_features), bound)
+        self.bias = uniform_init(bkey, (spec.out_features,), bound)
 
     def __call__(self, x: Float[Array, " I"]) -> Float[Array, " O"]:
         return self.weight.astype(x.dtype) @ x + self.bias.astype(x.dtype)
@@ -121,3 +136,36 @@ class ReLU(eqx.Module):
 
     def __call__(self, x: Array, state: eqx.nn.State) -> tuple[Array, eqx.nn.State]:
         return jax.nn.relu(x), state
+
+
+class Conv1d(eqx.Module):
+    """PyTorch Conv1d on one (C, L) example; weight (O, I, W) as PyTorch."""
+
+    weight: Float[Array, "O I W"]
+    bias: Optional[Float[Array, " O"]]
+    padding: int = eqx.field(static=True)
+
+    def __init__(self, spec: Conv1dSpec, *, key: PRNGKeyArray):
+        # PyTorch's Conv1d init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        bound = 1.0 / math.sqrt(spec.in_ch * spec.kernel)
+        wkey, bkey = jax.random.split(key)
+        self.weight = uniform_init(wkey, (spec.out_ch, spec.in_ch, spec.kernel), bound)
+        self.bias = uniform_init(bkey, (spec.out_ch,), bound) if spec.bias else None
+        self.padding = spec.padding
+
+    def __call__(self, x: Float[Array, "C L"]) -> Float[Array, "O L"]:
+        return ops.conv1d(x[None], self.weight, self.bias, padding=self.padding,
+                          dimension_numbers=("NCW", "OIW", "NCW"))[0]
+
+
+class BlurPool(eqx.Module):
+    """timm's BlurPool2d. Its filter is a constant built on the fly, not a leaf: timm does not
+    save it either (a non-persistent buffer)."""
+
+    spec: BlurSpec = eqx.field(static=True)
+
+    def __call__(self, x: Float[Array, "C H W"], state: eqx.nn.State) -> tuple[Float[Array, "C Ho Wo"], eqx.nn.State]:
+        s = self.spec
+        y = ops.blur_pool(x[None], s.filter(), stride=s.stride, padding=s.padding, pad_mode=s.pad_mode,
+                          dimension_numbers=("NCHW", "OIHW", "NCHW"))
+        return y[0], state

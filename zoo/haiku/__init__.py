@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from .. import registry
+from ..googlenet import GoogLeNetPlan
 from ..naming import HAIKU_LEAVES, haiku_from_torch_layout, torch_module
 from ..spec import ResNetPlan
+from .googlenet import googlenet_forward
 from .resnet import resnet_forward
 
 FRAMEWORK = "haiku"
@@ -28,7 +30,7 @@ __all__ = ["create", "load", "named_arrays", "from_named_arrays", "template"]
 
 
 # Plan type -> function returning the forward to transform; other families register here.
-FORWARDS: dict[type, Callable] = {ResNetPlan: resnet_forward}
+FORWARDS: dict[type, Callable] = {ResNetPlan: resnet_forward, GoogLeNetPlan: googlenet_forward}
 
 
 def build(plan: Any, dtype: Any = jnp.float32) -> hk.TransformedWithState:

@@ -11,7 +11,7 @@ from jaxtyping import Array, Float
 
 from .. import ops
 from ..naming import haiku_module
-from ..spec import ConvSpec, LinearSpec, NormSpec
+from ..spec import Conv1dSpec, ConvSpec, LinearSpec, NormSpec
 
 MOMENTUM = 0.1  # PyTorch's BatchNorm default, which every model here uses
 
@@ -22,6 +22,29 @@ def local_name(torch_name: str) -> str:
     return haiku_module(torch_name).split("/")[-1]
 
 
+def _fast_key() -> jax.Array:
+    """Haiku's next key re-keyed for XLA's RngBitGenerator: threefry kernels compile slowly on CPU,
+    once per parameter shape (a ResNet-18's initialisation took ~17 s); RBG's are cheap."""
+    key = hk.next_rng_key()
+    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    data = jnp.asarray(data).reshape(-1)
+    return jax.random.wrap_key_data(jnp.concatenate([data, data])[:4].astype(jnp.uint32), impl="rbg")
+
+
+def _normal(std: float):
+    def init(shape, dtype):
+        return std * jax.random.normal(_fast_key(), shape, dtype)
+
+    return init
+
+
+def _uniform(bound: float):
+    def init(shape, dtype):
+        return jax.random.uniform(_fast_key(), shape, dtype, -bound, bound)
+
+    return init
+
+
 class Conv2d(hk.Module):
     def __init__(self, spec: ConvSpec):
         super().__init__(name=local_name(spec.name))
@@ -30,7 +53,7 @@ class Conv2d(hk.Module):
     def __call__(self, x: Float[Array, "N H W Cin"]) -> Float[Array, "N Ho Wo Cout"]:
         s = self.spec
         # timm's init: kaiming normal, fan_out, for ReLU.
-        w_init = hk.initializers.VarianceScaling(2.0, "fan_out", "normal")
+        w_init = _normal(math.sqrt(2.0 / (s.out_ch * s.kernel * s.kernel)))
         w = hk.get_parameter("w", (s.kernel, s.kernel, s.in_ch // s.groups, s.out_ch), jnp.float32, w_init)
         b = hk.get_parameter("b", (s.out_ch,), jnp.float32, jnp.zeros) if s.bias else None
         return ops.conv2d(x, w, b, stride=s.stride, padding=s.padding, dilation=s.dilation,
@@ -80,7 +103,24 @@ class Linear(hk.Module):
         s = self.spec
         # PyTorch's nn.Linear init: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias.
         bound = 1.0 / math.sqrt(s.in_features)
-        init = hk.initializers.RandomUniform(-bound, bound)
+        init = _uniform(bound)
         w = hk.get_parameter("w", (s.in_features, s.out_features), jnp.float32, init)
         b = hk.get_parameter("b", (s.out_features,), jnp.float32, init)
         return jnp.dot(x, w.astype(x.dtype)) + b.astype(x.dtype)
+
+
+class Conv1d(hk.Module):
+    """PyTorch Conv1d on (N, L, C) inputs; kernel (W, I, O) as `naming.haiku_from_torch_layout`."""
+
+    def __init__(self, spec: Conv1dSpec):
+        super().__init__(name=local_name(spec.name))
+        self.spec = spec
+
+    def __call__(self, x: Float[Array, "N L Cin"]) -> Float[Array, "N L Cout"]:
+        s = self.spec
+        # PyTorch's Conv1d init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        bound = 1.0 / math.sqrt(s.in_ch * s.kernel)
+        init = _uniform(bound)
+        w = hk.get_parameter("w", (s.kernel, s.in_ch, s.out_ch), jnp.float32, init)
+        b = hk.get_parameter("b", (s.out_ch,), jnp.float32, init) if s.bias else None
+        return ops.conv1d(x, w, b, padding=s.padding, dimension_numbers=("NWC", "WIO", "NWC"))

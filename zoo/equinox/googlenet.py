@@ -1,0 +1,185 @@
+"""torchvision's GoogLeNet in Equinox, wired from a `GoogLeNetPlan`. Attribute paths mirror
+PyTorch's module tree (`model.inception3a.branch2[0].conv.weight` is
+`inception3a.branch2.0.conv.weight`)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from .. import ops
+from ..googlenet import (TRANSFORM_INPUT, AuxPlan, ConvBNPlan, GoogLeNetOutputs, GoogLeNetPlan, InceptionPlan,
+                         PoolPlan)
+from ..spec import PoolSpec
+from .layers import BatchNorm, Conv2d, Linear, make_norm
+
+
+class BasicConv2d(eqx.Module):
+    """conv -> BatchNorm (None when folded into the conv) -> ReLU."""
+
+    conv: Conv2d
+    bn: Optional[BatchNorm]
+
+    def __init__(self, plan: ConvBNPlan, *, key: PRNGKeyArray):
+        self.conv = Conv2d(plan.conv, key=key)
+        self.bn = None if plan.norm is None else make_norm(plan.norm)
+
+    def __call__(self, x: Float[Array, "C H W"], state: eqx.nn.State
+                 ) -> tuple[Float[Array, "Co Ho Wo"], eqx.nn.State]:
+        x = self.conv(x)
+        if self.bn is not None:
+            x, state = self.bn(x, state)
+        return jax.nn.relu(x), state
+
+
+class MaxPool(eqx.Module):
+    pool: PoolSpec = eqx.field(static=True)
+
+    def __init__(self, plan: PoolPlan):
+        self.pool = plan.pool
+
+    def __call__(self, x: Float[Array, "C H W"], state: eqx.nn.State
+                 ) -> tuple[Float[Array, "C Ho Wo"], eqx.nn.State]:
+        return ops.pool(x, self.pool), state
+
+
+def _sequential(layers: tuple, x: Array, state: eqx.nn.State) -> tuple[Array, eqx.nn.State]:
+    for layer in layers:
+        x, state = layer(x, state)
+    return x, state
+
+
+class Inception(eqx.Module):
+    branch1: BasicConv2d
+    branch2: tuple[BasicConv2d, BasicConv2d]
+    branch3: tuple[BasicConv2d, BasicConv2d]
+    branch4: tuple[MaxPool, BasicConv2d]  # PyTorch's indices: the pool is branch4.0
+
+    def __init__(self, plan: InceptionPlan, *, key: PRNGKeyArray):
+        k1, k2a, k2b, k3a, k3b, k4 = jax.random.split(key, 6)
+        self.branch1 = BasicConv2d(plan.branch1, key=k1)
+        self.branch2 = (BasicConv2d(plan.branch2[0], key=k2a), BasicConv2d(plan.branch2[1], key=k2b))
+        self.branch3 = (BasicConv2d(plan.branch3[0], key=k3a), BasicConv2d(plan.branch3[1], key=k3b))
+        self.branch4 = (MaxPool(plan.branch4[0]), BasicConv2d(plan.branch4[1], key=k4))
+
+    def __call__(self, x: Float[Array, "C H W"], state: eqx.nn.State
+                 ) -> tuple[Float[Array, "Co H W"], eqx.nn.State]:
+        b1, state = self.branch1(x, state)
+        b2, state = _sequential(self.branch2, x, state)
+        b3, state = _sequential(self.branch3, x, state)
+        b4, state = _sequential(self.branch4, x, state)
+        return jnp.concatenate([b1, b2, b3, b4], axis=0), state
+
+
+def _need_key(key: Optional[PRNGKeyArray]) -> PRNGKeyArray:
+    if key is None:
+        raise ValueError("training with dropout needs an explicit `key`")
+    return key
+
+
+class InceptionAux(eqx.Module):
+    conv: BasicConv2d
+    fc1: Linear
+    fc2: Linear
+    pool_hw: tuple[int, int] = eqx.field(static=True)
+    dropout: float = eqx.field(static=True)
+    inference: bool
+
+    def __init__(self, plan: AuxPlan, *, key: PRNGKeyArray):
+        kc, k1, k2 = jax.random.split(key, 3)
+        self.conv = BasicConv2d(plan.conv, key=kc)
+        self.fc1 = Linear(plan.fc1, key=k1)
+        self.fc2 = Linear(plan.fc2, key=k2)
+        self.pool_hw, self.dropout = plan.pool_hw, plan.dropout
+        self.inference = False
+
+    def __call__(self, x: Float[Array, "C H W"], state: eqx.nn.State, *,
+                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, " K"], eqx.nn.State]:
+        x = ops.adaptive_avg_pool(x, self.pool_hw)
+        x, state = self.conv(x, state)
+        x = jax.nn.relu(self.fc1(x.reshape(-1)))  # CHW flattens in PyTorch's order
+        if not self.inference and self.dropout > 0:
+            x = ops.dropout(x, self.dropout, _need_key(key))
+        return self.fc2(x).astype(jnp.float32), state
+
+
+TrunkModule = Union[BasicConv2d, MaxPool, Inception]
+
+
+class GoogLeNet(eqx.Module):
+    """One CHW image -> float32 logits; in training mode with aux heads,
+    `GoogLeNetOutputs(logits, aux_logits2, aux_logits1)` as torchvision."""
+
+    conv1: BasicConv2d
+    maxpool1: MaxPool
+    conv2: BasicConv2d
+    conv3: BasicConv2d
+    maxpool2: MaxPool
+    inception3a: Inception
+    inception3b: Inception
+    maxpool3: MaxPool
+    inception4a: Inception
+    inception4b: Inception
+    inception4c: Inception
+    inception4d: Inception
+    inception4e: Inception
+    maxpool4: MaxPool
+    inception5a: Inception
+    inception5b: Inception
+    aux1: Optional[InceptionAux]
+    aux2: Optional[InceptionAux]
+    fc: Linear
+    trunk: tuple[str, ...] = eqx.field(static=True)  # attribute names in execution order
+    taps: tuple[tuple[str, str], ...] = eqx.field(static=True)  # (trunk layer, aux head reading it)
+    transform_input: bool = eqx.field(static=True)
+    dropout: float = eqx.field(static=True)
+    dtype: Any = eqx.field(static=True)
+    inference: bool
+
+    def __init__(self, plan: GoogLeNetPlan, *, key: PRNGKeyArray, dtype: Any = jnp.float32):
+        keys = iter(jax.random.split(key, len(plan.trunk) + len(plan.aux) + 1))
+        for layer in plan.trunk:
+            if isinstance(layer, PoolPlan):
+                module: TrunkModule = MaxPool(layer)
+            elif isinstance(layer, InceptionPlan):
+                module = Inception(layer, key=next(keys))
+            else:
+                module = BasicConv2d(layer, key=next(keys))
+            setattr(self, layer.name, module)
+        self.aux1 = self.aux2 = None
+        for aux in plan.aux:
+            setattr(self, aux.name, InceptionAux(aux, key=next(keys)))
+        self.fc = Linear(plan.fc, key=next(keys))
+        self.trunk = tuple(layer.name for layer in plan.trunk)
+        self.taps = tuple((aux.tap, aux.name) for aux in plan.aux)
+        self.transform_input = plan.spec.transform_input
+        self.dropout = plan.spec.dropout
+        self.dtype = dtype
+        self.inference = False
+
+    def __call__(self, x: Float[Array, "C H W"], state: eqx.nn.State, *,
+                 key: Optional[PRNGKeyArray] = None
+                 ) -> tuple[Union[Float[Array, " K"], GoogLeNetOutputs], eqx.nn.State]:
+        if self.transform_input:
+            x = jnp.stack([x[c] * scale + shift for c, (scale, shift) in enumerate(TRANSFORM_INPUT)])
+        x = x.astype(self.dtype)
+        training_aux = not self.inference and bool(self.taps)
+        fc_key, *aux_keys = [None] * 3 if key is None else jax.random.split(key, 3)
+        taps = dict(self.taps)
+        aux_out = {}
+        for name in self.trunk:
+            x, state = getattr(self, name)(x, state)
+            if training_aux and name in taps:
+                aux = taps[name]
+                aux_out[aux], state = getattr(self, aux)(x, state, key=aux_keys[len(aux_out)])
+        x = ops.global_avg_pool(x)
+        if not self.inference and self.dropout > 0:
+            x = ops.dropout(x, self.dropout, _need_key(fc_key))
+        logits = self.fc(x).astype(jnp.float32)
+        if training_aux:
+            return GoogLeNetOutputs(logits, aux_out["aux2"], aux_out["aux1"]), state
+        return logits, state
