@@ -177,11 +177,14 @@ def _resnets() -> None:
         skresnext50_32x4d=("sk_bottleneck", r50, dict(x32x4, sk_rd_ratio=1 / 16, sk_rd_divisor=32,
                                                       sk_split_input=False)),
     )
-    # CI's parity tests: small models that together exercise every option (tiered/deep stems,
-    # avg_down, SE, ECA, avg/blur anti-aliasing, GroupNorm, per-stage block kinds, Res2Net,
-    # ResNeSt, selective kernels); the rest run in the slow sweep.
+    # CI's parity tests (strict 1e-5 at an odd size): small models that together exercise the
+    # stems, avg_down, SE, ECA, blur anti-aliasing, GroupNorm, per-stage block kinds, Res2Net and
+    # selective kernels. Not here, and covered by tests/test_resnet_family.py's variants instead:
+    # avg anti-aliasing (timm itself needs even stage sizes) and ResNeSt (with random norm
+    # statistics its fp32 logits sit ~1e-5 from float64, PyTorch's included). The rest run in the
+    # slow sweep.
     ci = {"resnet10t", "resnet14t", "resnetblur18", "ecaresnet26t", "seresnext26d_32x4d",
-          "resnet50_gn", "test_resnet", "skresnet18", "resnest14d", "res2net50_48w_2s"}
+          "resnet50_gn", "test_resnet", "skresnet18", "res2net50_48w_2s"}
     for name, (block, layers, kwargs) in timm_only.items():
         register(name, ResNetSpec(block, layers, **kwargs), timm=name, ci=name in ci)
 
