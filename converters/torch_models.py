@@ -37,7 +37,7 @@ def torch_model(arch: str, library: str | None = None, **overrides: Any):
     return model.eval()
 
 
-def randomize_norms(model, seed: int = 0, calibration_size: int = 96):
+def randomize_norms(model, seed: int = 0, calibration_size: int = 96, calibration_batch: int = 8):
     """Random affine parameters and running statistics in every norm layer.
 
     Default statistics (mean 0, var 1, scale 1, shift 0) make a norm the identity and would hide
@@ -45,6 +45,18 @@ def randomize_norms(model, seed: int = 0, calibration_size: int = 96):
     layer after layer until the logits barely depend on the input (GoogLeNet's spread across a batch
     fell to ~1e-7 of their norm), and a parity check compares constants. So the running statistics
     are measured on a random calibration batch, then perturbed; scales and shifts are random.
+
+    The random model must also be as well conditioned as a trained one, or fp32 rounding alone
+    (PyTorch's own, measured against float64) exceeds the 1e-5 parity tolerance:
+    - the last norm of each residual branch gets scales and shifts 5x smaller (0.1..0.3), as in
+      trained ResNets, whose branches add small corrections to the residual stream (timm
+      initialises those scales to zero). With full-scale branches the stream grew ~400x through
+      ecaresnet101d_pruned, saturated its attention gates, and PyTorch fp32 was 5e-2 from float64
+      (3e-7 with this; 1.2e-1 -> 8e-7 for skresnext50_32x4d). A misrouted tensor still moves the
+      logits by percents;
+    - variances are floored at 1% of the channel's second moment: a norm of nearly constant
+      features (pooled attention inputs barely vary across random images) would otherwise amplify
+      their rounding by up to 1/sqrt(eps).
     """
     import torch
 
@@ -52,10 +64,12 @@ def randomize_norms(model, seed: int = 0, calibration_size: int = 96):
     norms = [m for m in model.modules() if isinstance(m, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm))]
     tracked = [m for m in norms if getattr(m, "running_mean", None) is not None]
     with torch.no_grad():
+        ends = _residual_branch_ends(model)
         for m in norms:
             if getattr(m, "weight", None) is not None:
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+                small = 0.2 if any(m is e for e in ends) else 1.0
+                m.weight.copy_((torch.rand(m.weight.shape, generator=g) + 0.5) * small)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2 * small)
         if tracked:
             momenta = [m.momentum for m in tracked]
             for m in tracked:
@@ -64,13 +78,38 @@ def randomize_norms(model, seed: int = 0, calibration_size: int = 96):
             was_training = model.training
             model.train()
             in_chans = next(p for p in model.parameters() if p.ndim == 4).shape[1]
-            model(torch.randn(4, in_chans, calibration_size, calibration_size, generator=g))
+            model(torch.randn(calibration_batch, in_chans, calibration_size, calibration_size, generator=g))
             model.train(was_training)
             for m, momentum in zip(tracked, momenta):
                 m.momentum = momentum
-                m.running_mean += 0.2 * torch.randn(m.running_mean.shape, generator=g) * m.running_var.sqrt()
-                m.running_var *= torch.rand(m.running_var.shape, generator=g) + 0.5
+                # running_var is the unbiased variance; the floor is taken against the second moment
+                var = torch.maximum(m.running_var, 1e-2 * (m.running_var + m.running_mean.square()))
+                m.running_mean += 0.2 * torch.randn(m.running_mean.shape, generator=g) * var.sqrt()
+                m.running_var.copy_(var * (torch.rand(var.shape, generator=g) + 0.5))
     return model
+
+
+def _residual_branch_ends(model) -> list:
+    """The norm layer that ends each residual branch: timm's blocks zero it in `zero_init_last`
+    (found by calling that on a copy of the scales), torchvision's are bn2 / bn3."""
+    import torch
+
+    ends = []
+    for m in model.modules():
+        if m is not model and hasattr(m, "zero_init_last"):
+            norms = [n for n in m.modules() if getattr(n, "weight", None) is not None
+                     and isinstance(n, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm))]
+            saved = [n.weight.detach().clone() for n in norms]
+            with torch.no_grad():
+                for n in norms:
+                    n.weight.fill_(1.0)
+                m.zero_init_last()
+                ends += [n for n in norms if bool((n.weight == 0).all())]
+                for n, w in zip(norms, saved):
+                    n.weight.copy_(w)
+        elif type(m).__module__ == "torchvision.models.resnet" and type(m).__name__ in ("BasicBlock", "Bottleneck"):
+            ends.append(m.bn2 if type(m).__name__ == "BasicBlock" else m.bn3)
+    return ends
 
 
 def random_model(arch: str, library: str | None = None, seed: int = 0, **overrides: Any):

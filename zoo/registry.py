@@ -178,13 +178,11 @@ def _resnets() -> None:
                                                       sk_split_input=False)),
     )
     # CI's parity tests (strict 1e-5 at an odd size): small models that together exercise the
-    # stems, avg_down, SE, ECA, blur anti-aliasing, GroupNorm, per-stage block kinds, Res2Net and
-    # selective kernels. Not here, and covered by tests/test_resnet_family.py's variants instead:
-    # avg anti-aliasing (timm itself needs even stage sizes) and ResNeSt (with random norm
-    # statistics its fp32 logits sit ~1e-5 from float64, PyTorch's included). The rest run in the
-    # slow sweep.
+    # stems, avg_down, SE, ECA, blur anti-aliasing, GroupNorm, per-stage block kinds, Res2Net,
+    # ResNeSt and selective kernels. Avg anti-aliasing is not here (timm itself needs even stage
+    # sizes) and is covered by tests/test_resnet_family.py's variants. The rest run in the slow sweep.
     ci = {"resnet10t", "resnet14t", "resnetblur18", "ecaresnet26t", "seresnext26d_32x4d",
-          "resnet50_gn", "test_resnet", "skresnet18", "res2net50_48w_2s"}
+          "resnet50_gn", "test_resnet", "skresnet18", "res2net50_48w_2s", "resnest14d"}
     for name, (block, layers, kwargs) in timm_only.items():
         register(name, ResNetSpec(block, layers, **kwargs), timm=name, ci=name in ci)
 

@@ -105,7 +105,7 @@ class GroupNorm(eqx.Module):
     def __call__(self, x: Float[Array, "C H W"], state: eqx.nn.State
                  ) -> tuple[Float[Array, "C H W"], eqx.nn.State]:
         c, h, w = x.shape
-        g = x.astype(jnp.float32).reshape(self.groups, c // self.groups, h, w)
+        g = x.astype(ops.stat_dtype(x.dtype)).reshape(self.groups, c // self.groups, h, w)
         mean = jnp.mean(g, axis=(1, 2, 3), keepdims=True)
         var = jnp.mean(jnp.square(g - mean), axis=(1, 2, 3), keepdims=True)
         g = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(c, h, w)

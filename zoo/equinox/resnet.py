@@ -520,4 +520,4 @@ class ResNet(eqx.Module):
         x = ops.global_avg_pool(x)
         if not self.inference and self.drop_rate > 0:
             x = ops.dropout(x, self.drop_rate, _need_key(keys[-1]))
-        return self.fc(x).astype(jnp.float32), state
+        return self.fc(x).astype(ops.stat_dtype(self.dtype)), state

@@ -87,7 +87,7 @@ class Norm(hk.Module):
 
 def _group_norm(x: Array, groups: int, scale: Array, offset: Array, eps: float) -> Array:
     n, h, w, c = x.shape
-    g = x.astype(jnp.float32).reshape(n, h, w, groups, c // groups)
+    g = x.astype(ops.stat_dtype(x.dtype)).reshape(n, h, w, groups, c // groups)
     mean = jnp.mean(g, axis=(1, 2, 4), keepdims=True)
     var = jnp.mean(jnp.square(g - mean), axis=(1, 2, 4), keepdims=True)
     g = (g - mean) * jax.lax.rsqrt(var + eps)

@@ -261,7 +261,8 @@ def _maxpool(plan: ResNetPlan, x: Array, is_training: bool) -> Array:
 
 
 def resnet_forward(plan: ResNetPlan, dtype=jnp.float32):
-    """The function to `hk.transform_with_state`: NHWC images -> float32 logits."""
+    """The function to `hk.transform_with_state`: NHWC images -> float32 logits (float64 when
+    computing in float64)."""
 
     def forward(x: Float[Array, "N H W C"], is_training: bool) -> Float[Array, "N K"]:
         x = x.astype(dtype)
@@ -278,6 +279,6 @@ def resnet_forward(plan: ResNetPlan, dtype=jnp.float32):
         x = ops.global_avg_pool(x)
         if is_training and plan.spec.drop_rate > 0:
             x = ops.dropout(x, plan.spec.drop_rate, hk.next_rng_key())
-        return Linear(plan.fc)(x).astype(jnp.float32)
+        return Linear(plan.fc)(x).astype(ops.stat_dtype(dtype))
 
     return forward
