@@ -23,3 +23,51 @@ def cached_random_model(arch: str, library: str | None = None, seed: int = 0):
 def rel_err(ref, out) -> float:
     ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+# --- training mode ----------------------------------------------------------------------------
+
+
+def torch_train_step(model, x: np.ndarray):
+    """One training-mode forward of a copy of `model` (in its dtype): logits and updated state."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(model).train()
+    with torch.no_grad():
+        out = model(torch.from_numpy(x).to(next(model.parameters()).dtype)).double().numpy()
+    return out, {k: v.double().numpy() for k, v in model.state_dict().items()}
+
+
+def jax_train_forward(converted, framework: str, x: np.ndarray):
+    """One jitted training-mode forward of a converted model on NCHW `x`: outputs and the
+    PyTorch-named parameters and updated statistics."""
+    import equinox as eqx
+    import jax.numpy as jnp
+
+    import zoo.equinox
+    import zoo.haiku
+
+    if framework == "haiku":
+        net = zoo.haiku.build(converted.loaded.plan)
+        params, state = converted.objects
+        apply = jax.jit(functools.partial(net.apply, is_training=True))
+        out, state = apply(params, state, None, jnp.asarray(x.transpose(0, 2, 3, 1)))
+        return out, zoo.haiku.named_arrays(params, state)
+    model, state = converted.objects
+
+    @eqx.filter_jit
+    def forward(model, state, x):
+        return jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
+
+    out, state = forward(model, state, jnp.asarray(x))
+    return out, zoo.equinox.named_arrays(model, state)
+
+
+def close_to_float64(ref64, ref32, out, floor: float = 1e-5):
+    """Training-mode BatchNorm divides by batch standard deviations, which amplifies fp32 rounding
+    (PyTorch's own fp32 result can be ~3e-5 from its float64 one on random weights). So the JAX
+    result must be within `floor`, or no further than 1.5x PyTorch fp32's distance, from float64."""
+    ours, theirs = rel_err(ref64, out), rel_err(ref64, ref32)
+    return ours <= max(floor, 1.5 * theirs), (ours, theirs)

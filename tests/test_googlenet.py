@@ -24,6 +24,8 @@ from zoo.checked import ConversionError
 from zoo.frameworks import adapter
 from zoo.googlenet import INCEPTION_BLOCKS, GoogLeNetOutputs, GoogLeNetSpec
 
+from .conftest import jax_train_forward, rel_err
+
 ARCH = "googlenet"
 FRAMEWORKS = ["haiku", "equinox"]
 NO_DROPOUT = {"dropout": 0.0, "dropout_aux": 0.0}
@@ -33,11 +35,6 @@ NO_DROPOUT = {"dropout": 0.0, "dropout_aux": 0.0}
 def highest_precision():
     with jax.default_matmul_precision("highest"):
         yield
-
-
-def rel_err(ref, out) -> float:
-    ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
-    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
 @functools.lru_cache(maxsize=4)
@@ -174,23 +171,6 @@ def test_reference_logits_depend_on_the_input():
 # --- training mode -----------------------------------------------------------------------------
 
 
-def _jax_train_forward(converted, framework, x):
-    if framework == "haiku":
-        net = zoo.haiku.build(converted.loaded.plan)
-        params, state = converted.objects
-        apply = jax.jit(functools.partial(net.apply, is_training=True))
-        out, state = apply(params, state, None, jnp.asarray(x.transpose(0, 2, 3, 1)))
-        return out, zoo.haiku.named_arrays(params, state)
-    model, state = converted.objects
-
-    @eqx.filter_jit
-    def forward(model, state, x):
-        return jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
-
-    out, state = forward(model, state, jnp.asarray(x))
-    return out, zoo.equinox.named_arrays(model, state)
-
-
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_training_forward_matches_pytorch(framework):
     # PyTorch's default conv init (not GoogLeNet's std 0.01) gives batch variances comparable to
@@ -206,7 +186,7 @@ def test_training_forward_matches_pytorch(framework):
     ref64 = torch_outputs(exact, x.astype(np.float64))
     ref_sd = {k: v.numpy() for k, v in model.state_dict().items()}
     model.eval()
-    out, named = _jax_train_forward(converted, framework, x)
+    out, named = jax_train_forward(converted, framework, x)
     assert isinstance(out, GoogLeNetOutputs)  # (logits, aux_logits2, aux_logits1), as torchvision
     for name, r, r64, o in zip(GoogLeNetOutputs._fields, ref, ref64, out):
         assert o.shape == r.shape == (2, 1000) and o.dtype == jnp.float32

@@ -31,7 +31,7 @@ from converters.verify import verify
 from zoo import ConversionError, ops, registry
 from zoo.spec import BlurSpec, ResNetSpec, eca_kernel_size, make_divisible, timm_pruned_widths
 
-from .conftest import rel_err
+from .conftest import close_to_float64, jax_train_forward, torch_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 ODD = (69, 93)
@@ -175,20 +175,6 @@ def test_float64_parity(key, framework, fold_bn):
 # --- training mode ----------------------------------------------------------------------------
 
 
-def _torch_train_step(model, x):
-    model = copy.deepcopy(model).train()
-    with torch.no_grad():
-        out = model(torch.from_numpy(x).to(next(model.parameters()).dtype)).double().numpy()
-    return out, {k: v.double().numpy() for k, v in model.state_dict().items()}
-
-
-def _close_to_float64(ref64, ref32, out, floor=1e-5):
-    """Batch statistics amplify fp32 rounding, so JAX must be within `floor` of PyTorch's float64
-    result, or no further from it than 1.5x PyTorch's own fp32 result."""
-    ours, theirs = rel_err(ref64, out), rel_err(ref64, ref32)
-    return ours <= max(floor, 1.5 * theirs), (ours, theirs)
-
-
 # One small model per option, drop rates 0: (timm name, timm kwargs, zoo overrides).
 TRAIN = {
     "se+stem-conv-pool": ("resnetrs50", L1, L1),
@@ -202,23 +188,6 @@ TRAIN = {
 }
 
 
-def _jax_train_step(converted, framework, x):
-    if framework == "haiku":
-        net = zoo.haiku.build(converted.loaded.plan)
-        params, state = converted.objects
-        step = jax.jit(functools.partial(net.apply, is_training=True))
-        out, state = step(params, state, None, jnp.asarray(x.transpose(0, 2, 3, 1)))
-        return np.asarray(out), zoo.haiku.named_arrays(params, state)
-    model, state = converted.objects
-
-    @eqx.filter_jit
-    def step(m, s, xs):
-        return jax.vmap(m, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(xs, s)
-
-    out, state = step(model, state, jnp.asarray(x))
-    return np.asarray(out), zoo.equinox.named_arrays(model, state)
-
-
 @pytest.mark.parametrize("key,framework", [(k, ["haiku", "equinox"][i % 2]) for i, k in enumerate(TRAIN)])
 def test_training_forward_matches_timm(key, framework):
     """One option per model, the frameworks alternating (both run the same block code paths in
@@ -227,15 +196,15 @@ def test_training_forward_matches_timm(key, framework):
     model = _reference(name, seed=1, **timm_kwargs)
     converted = convert_state_dict(name, load_state_dict(model), framework, overrides=overrides)
     x = np.random.default_rng(1).standard_normal((4, 3, *AA_ODD)).astype(np.float32)
-    ref32, sd32 = _torch_train_step(model, x)
-    ref64, sd64 = _torch_train_step(copy.deepcopy(model).double(), x)
-    out, named = _jax_train_step(converted, framework, x)
-    ok, errs = _close_to_float64(ref64, ref32, out)
+    ref32, sd32 = torch_train_step(model, x)
+    ref64, sd64 = torch_train_step(copy.deepcopy(model).double(), x)
+    out, named = jax_train_forward(converted, framework, x)
+    ok, errs = close_to_float64(ref64, ref32, out)
     assert ok, f"logits: ours {errs[0]:.2e} vs PyTorch fp32 {errs[1]:.2e} from float64"
     stats = [k for k in sd64 if k.endswith(("running_mean", "running_var"))]
     assert len(stats) >= (0 if key == "groupnorm" else 10)
     for k in stats:
-        ok, errs = _close_to_float64(sd64[k], sd32[k], np.asarray(named[k]))
+        ok, errs = close_to_float64(sd64[k], sd32[k], np.asarray(named[k]))
         assert ok, f"{k}: ours {errs[0]:.2e} vs PyTorch fp32 {errs[1]:.2e} from float64"
 
 

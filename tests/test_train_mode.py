@@ -1,13 +1,11 @@
 """Training mode: batch statistics and PyTorch's running-statistic update, in both frameworks."""
 
-import copy
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import zoo.equinox
 import zoo.haiku
@@ -15,35 +13,7 @@ from converters.convert import convert_state_dict
 from converters.state_dict import load_state_dict
 from converters.torch_models import random_model
 
-from .conftest import rel_err
-
-
-def _torch_train_step(model, x):
-    model = copy.deepcopy(model).train()
-    with torch.no_grad():
-        out = model(torch.from_numpy(x).to(next(model.parameters()).dtype)).double().numpy()
-    return out, {k: v.double().numpy() for k, v in model.state_dict().items()}
-
-
-def _as_exact_as_pytorch(ref64, ref32, out, floor=1e-5):
-    """Training-mode BatchNorm divides by batch standard deviations, which amplifies fp32 rounding
-    (PyTorch's own fp32 result can be ~3e-5 from its float64 one on random weights). So the JAX
-    result must be within `floor`, or no further than 1.5x PyTorch fp32's distance, from float64."""
-    ours, theirs = rel_err(ref64, out), rel_err(ref64, ref32)
-    return ours <= max(floor, 1.5 * theirs), (ours, theirs)
-
-
-def _jax_train_step(converted, framework, x):
-    objects = converted.objects
-    if framework == "haiku":
-        net = zoo.haiku.build(converted.loaded.plan)
-        params, state = objects
-        out, state = net.apply(params, state, None, jnp.asarray(x.transpose(0, 2, 3, 1)), is_training=True)
-        return np.asarray(out), zoo.haiku.named_arrays(params, state)
-    model, state = objects
-    batched = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
-    out, state = eqx.filter_jit(batched)(jnp.asarray(x), state)
-    return np.asarray(out), zoo.equinox.named_arrays(model, state)
+from .conftest import close_to_float64, jax_train_forward, torch_train_step
 
 
 @pytest.mark.parametrize("framework", ["haiku", "equinox"])
@@ -52,16 +22,16 @@ def test_one_training_forward_matches_pytorch(arch, framework):
     model = random_model(arch, seed=1)
     converted = convert_state_dict(arch, load_state_dict(model), framework)
     x = np.random.default_rng(1).standard_normal((4, 3, 61, 75)).astype(np.float32)
-    ref32, sd32 = _torch_train_step(model, x)
-    ref64, sd64 = _torch_train_step(model.double(), x)
+    ref32, sd32 = torch_train_step(model, x)
+    ref64, sd64 = torch_train_step(model.double(), x)
     model.float()
-    out, named = _jax_train_step(converted, framework, x)
-    ok, errs = _as_exact_as_pytorch(ref64, ref32, out)
+    out, named = jax_train_forward(converted, framework, x)
+    ok, errs = close_to_float64(ref64, ref32, out)
     assert ok, f"logits: ours {errs[0]:.2e} vs PyTorch fp32 {errs[1]:.2e} from float64"
     stats = [k for k in sd64 if k.endswith(("running_mean", "running_var"))]
     assert len(stats) > 10
     for k in stats:
-        ok, errs = _as_exact_as_pytorch(sd64[k], sd32[k], np.asarray(named[k]))
+        ok, errs = close_to_float64(sd64[k], sd32[k], np.asarray(named[k]))
         assert ok, f"{k}: ours {errs[0]:.2e} vs PyTorch fp32 {errs[1]:.2e} from float64"
     # The update really moved the loaded statistics (so the check above is not vacuous).
     loaded = random_model(arch, seed=1).state_dict()["layer1.0.bn1.running_var"].numpy()

@@ -119,6 +119,13 @@ def _attn_module(spec: Optional[AttnSpec], key: PRNGKeyArray) -> Optional[Union[
     return (SqueezeExcite if spec.kind == "se" else EcaModule)(spec, key=key)
 
 
+def _add_shortcut(out: Array, x: Array, downsample: Optional[tuple], state: State) -> tuple[Array, State]:
+    """relu(branch + shortcut), the shortcut downsampled where the block changes shape."""
+    if downsample is not None:
+        x, state = _sequential(downsample, x, state)
+    return jax.nn.relu(out + x), state
+
+
 def _apply_attn(attn: Optional[Union[SqueezeExcite, EcaModule]], x: Array) -> Array:
     return x if attn is None else attn(x)
 
@@ -283,9 +290,7 @@ class Block(eqx.Module):
             x, state = _sequential(self.aa, x, state)
             x, state = _apply_norm(self.bn3, self.conv3(x), state)
         x = _drop_path(self.drop_path, self.inference, _apply_attn(self.se, x), k_path)
-        if self.downsample is not None:
-            shortcut, state = _sequential(self.downsample, shortcut, state)
-        return jax.nn.relu(x + shortcut), state
+        return _add_shortcut(x, shortcut, self.downsample, state)
 
 
 class Bottle2neck(eqx.Module):
@@ -335,10 +340,7 @@ class Bottle2neck(eqx.Module):
         out = _drop_block(self.drop_block, self.inference, jnp.concatenate(spo, axis=0), k_block)
         out, state = _apply_norm(self.bn3, self.conv3(out), state)
         out = _drop_path(self.drop_path, self.inference, out, k_path)
-        shortcut = x
-        if self.downsample is not None:
-            shortcut, state = _sequential(self.downsample, x, state)
-        return jax.nn.relu(out + shortcut), state
+        return _add_shortcut(out, x, self.downsample, state)
 
 
 class ResNestBottleneck(eqx.Module):
@@ -374,13 +376,11 @@ class ResNestBottleneck(eqx.Module):
         out, state = self.conv2(out, state, key=k_block)
         out, state = _sequential(self.avd_last, out, state)
         out, state = _apply_norm(self.bn3, self.conv3(out), state)
-        shortcut = x
         if self.downsample is not None:
             # timm's ResNestBottleneck applies drop path to the block input, which only reaches
             # the output through the downsample: mirrored as is.
             x = _drop_path(self.drop_path, self.inference, x, k_path)
-            shortcut, state = _sequential(self.downsample, x, state)
-        return jax.nn.relu(out + shortcut), state
+        return _add_shortcut(out, x, self.downsample, state)
 
 
 class SelectiveKernelBasic(eqx.Module):
@@ -405,10 +405,7 @@ class SelectiveKernelBasic(eqx.Module):
         out, state = self.conv1(x, state, key=k_block)
         out, state = self.conv2(out, state)
         out = _drop_path(self.drop_path, self.inference, _apply_attn(self.se, out), k_path)
-        shortcut = x
-        if self.downsample is not None:
-            shortcut, state = _sequential(self.downsample, x, state)
-        return jax.nn.relu(out + shortcut), state
+        return _add_shortcut(out, x, self.downsample, state)
 
 
 class SelectiveKernelBottleneck(eqx.Module):
@@ -436,10 +433,7 @@ class SelectiveKernelBottleneck(eqx.Module):
         out, state = self.conv2(out, state, key=k_block)
         out, state = self.conv3(out, state)
         out = _drop_path(self.drop_path, self.inference, _apply_attn(self.se, out), k_path)
-        shortcut = x
-        if self.downsample is not None:
-            shortcut, state = _sequential(self.downsample, x, state)
-        return jax.nn.relu(out + shortcut), state
+        return _add_shortcut(out, x, self.downsample, state)
 
 
 BLOCKS: dict[str, type] = {"basic": Block, "bottleneck": Block, "res2net": Bottle2neck,
