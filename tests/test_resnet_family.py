@@ -185,6 +185,9 @@ TRAIN = {
     "resnest": ("resnest50d_4s2x40d", L1, L1),
     "sk-basic": ("skresnet18", L1, L1),
     "per-stage-blocks": ("test_resnet", {}, {}),
+    "sk-bottleneck": ("skresnext50_32x4d", L1, L1),
+    "3x3-down+reduce-first": ("senet154", L1, L1),
+    "pruned": ("ecaresnet50d_pruned", {}, {}),
 }
 
 

@@ -9,11 +9,10 @@ follows torchvision, since its checkpoints are what gets converted: the "5x5" br
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Union
 
-from .spec import ConvSpec, LinearSpec, NormSpec, PoolSpec
+from .spec import ConvSpec, LinearSpec, ModelSpec, NormSpec, PoolSpec
 
 
 class InceptionWidths(NamedTuple):
@@ -70,7 +69,7 @@ class GoogLeNetOutputs(NamedTuple):
 
 
 @dataclass(frozen=True)
-class GoogLeNetSpec:
+class GoogLeNetSpec(ModelSpec):
     """The arguments of torchvision's `GoogLeNet` that zoo models: field names are torchvision's,
     so overrides pass straight to its constructor. Defaults are those of `googlenet(weights=None)`
     (torchvision's pretrained weights want `transform_input=True` and have no aux heads)."""
@@ -81,14 +80,7 @@ class GoogLeNetSpec:
     dropout: float = 0.2
     dropout_aux: float = 0.7
 
-    def replace(self, **overrides: Any) -> "GoogLeNetSpec":
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise TypeError(f"unknown GoogLeNet spec option(s): {', '.join(sorted(unknown))}")
-        return dataclasses.replace(self, **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    _label = "GoogLeNet"
 
     def plan(self, fold_bn: bool = False) -> "GoogLeNetPlan":
         return googlenet_plan(self, fold_bn)

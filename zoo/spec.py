@@ -123,8 +123,28 @@ BLOCK_KINDS = ("basic", "bottleneck", "res2net", "resnest", "sk_basic", "sk_bott
 EXPANSION = {"basic": 1, "bottleneck": 4, "res2net": 4, "resnest": 4, "sk_basic": 1, "sk_bottleneck": 4}
 
 
+class ModelSpec:
+    """What every architecture spec shares: a frozen dataclass whose fields are the PyTorch
+    constructor's arguments, checked `replace`, plain `to_dict`, and `plan(fold_bn)`."""
+
+    _label = "model"
+
+    def _normalise(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """JSON metadata gives lists where the spec holds tuples: subclasses convert here."""
+        return overrides
+
+    def replace(self, **overrides: Any):
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown {self._label} spec option(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **self._normalise(overrides))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass(frozen=True)
-class ResNetSpec:
+class ResNetSpec(ModelSpec):
     """The arguments of `timm.models.resnet.ResNet` (and of its block classes' `block_args`) that
     define the architecture. Every timm model built on that class is one of these."""
 
@@ -173,10 +193,9 @@ class ResNetSpec:
     pruned: str = ""
     widths: tuple[tuple[str, int], ...] = ()
 
-    def replace(self, **overrides: Any) -> "ResNetSpec":
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise TypeError(f"unknown ResNet spec option(s): {', '.join(sorted(unknown))}")
+    _label = "ResNet"
+
+    def _normalise(self, overrides: dict[str, Any]) -> dict[str, Any]:
         for key in ("layers", "channels"):
             if key in overrides:
                 overrides[key] = tuple(overrides[key])
@@ -187,10 +206,7 @@ class ResNetSpec:
             w = overrides["widths"]
             items = w.items() if isinstance(w, Mapping) else w
             overrides["widths"] = tuple((str(k), int(v)) for k, v in items)
-        return dataclasses.replace(self, **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return overrides
 
     def plan(self, fold_bn: bool = False) -> "ResNetPlan":
         return resnet_plan(self, fold_bn)
