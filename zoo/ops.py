@@ -137,6 +137,23 @@ def normalize(x: Array, mean: Array, var: Array, scale: Array, offset: Array, ep
     return y.astype(x.dtype)
 
 
+def group_norm(x: Float[Array, "..."], groups: int, scale: Array, offset: Array, eps: float,
+               channel_axis: int) -> Array:
+    """PyTorch's GroupNorm of one example (vmap it over a batch): statistics over each group of
+    channels and every other axis, biased variance, computed in float32 (float64 for float64
+    inputs), returned in x's dtype."""
+    ct = stat_dtype(x.dtype)
+    g = jnp.moveaxis(x.astype(ct), channel_axis, 0)
+    moved = g.shape
+    g = g.reshape(groups, moved[0] // groups, -1)
+    mean = jnp.mean(g, axis=(1, 2), keepdims=True)
+    var = jnp.mean(jnp.square(g - mean), axis=(1, 2), keepdims=True)
+    g = jnp.moveaxis(((g - mean) * jax.lax.rsqrt(var + eps)).reshape(moved), 0, channel_axis)
+    shape = [1] * x.ndim
+    shape[channel_axis] = -1
+    return (g * scale.astype(ct).reshape(shape) + offset.astype(ct).reshape(shape)).astype(x.dtype)
+
+
 def ema_update(running: Array, batch: Array, momentum: float) -> Array:
     """PyTorch's running-statistic update (no zero-debiasing, unlike Haiku/Equinox EMAs)."""
     return (1.0 - momentum) * running + momentum * batch

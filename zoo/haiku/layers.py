@@ -73,7 +73,7 @@ class Norm(hk.Module):
         scale = hk.get_parameter("scale", (s.channels,), jnp.float32, jnp.ones)
         offset = hk.get_parameter("offset", (s.channels,), jnp.float32, jnp.zeros)
         if s.kind == "groupnorm":
-            return _group_norm(x, s.groups, scale, offset, s.eps)
+            return jax.vmap(lambda xi: ops.group_norm(xi, s.groups, scale, offset, s.eps, channel_axis=-1))(x)
         running_mean = hk.get_state("mean", (s.channels,), jnp.float32, jnp.zeros)
         running_var = hk.get_state("var", (s.channels,), jnp.float32, jnp.ones)
         if is_training:
@@ -83,15 +83,6 @@ class Norm(hk.Module):
         else:
             mean, var = running_mean, running_var
         return ops.normalize(x, mean, var, scale, offset, s.eps, channel_axis=-1)
-
-
-def _group_norm(x: Array, groups: int, scale: Array, offset: Array, eps: float) -> Array:
-    n, h, w, c = x.shape
-    g = x.astype(ops.stat_dtype(x.dtype)).reshape(n, h, w, groups, c // groups)
-    mean = jnp.mean(g, axis=(1, 2, 4), keepdims=True)
-    var = jnp.mean(jnp.square(g - mean), axis=(1, 2, 4), keepdims=True)
-    g = (g - mean) * jax.lax.rsqrt(var + eps)
-    return (g.reshape(n, h, w, c) * scale + offset).astype(x.dtype)
 
 
 class Linear(hk.Module):
