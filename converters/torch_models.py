@@ -50,13 +50,23 @@ def randomize_norms(model, seed: int = 0, calibration_size: int = 96, calibratio
     (PyTorch's own, measured against float64) exceeds the 1e-5 parity tolerance:
     - the last norm of each residual branch gets scales and shifts 5x smaller (0.1..0.3), as in
       trained ResNets, whose branches add small corrections to the residual stream (timm
-      initialises those scales to zero). With full-scale branches the stream grew ~400x through
-      ecaresnet101d_pruned, saturated its attention gates, and PyTorch fp32 was 5e-2 from float64
-      (3e-7 with this; 1.2e-1 -> 8e-7 for skresnext50_32x4d). A misrouted tensor still moves the
-      logits by percents;
+      initialises those scales to zero); less in networks of more than 16 blocks, 0.8/sqrt(blocks),
+      so that the branches' summed variance does not grow with depth (the Fixup / SkipInit
+      argument). With full-scale branches the stream grew ~400x through ecaresnet101d_pruned,
+      saturated its attention gates, and PyTorch fp32 was 5e-2 from float64 (3e-7 with this);
+      with 0.2 in all 66 blocks of resnest200e, 5e-6 (1e-6 with depth scaling). A misrouted
+      tensor still moves the logits by percents;
     - variances are floored at 1% of the channel's second moment: a norm of nearly constant
       features (pooled attention inputs barely vary across random images) would otherwise amplify
-      their rounding by up to 1/sqrt(eps).
+      their rounding by up to 1/sqrt(eps);
+    - statistics come from one training-mode pass (batch statistics upstream), then the norms that
+      feed the residual stream (branch ends, shortcuts) or an attention gate (pooled, 1x1 inputs)
+      are recalibrated in forward order on the inputs they see in inference. Without that, the
+      perturbed statistics shifted each layer's inference inputs away from its training-mode ones,
+      and the drift compounded along the stream (resnetrs350's grew 60x through layer3 in
+      inference, ~1x in training; ResNeSt's split-attention softmax saturated). Recalibrating
+      every norm would be exact normalisation everywhere, which makes a deep plain network chaotic
+      (GoogLeNet's fp32 error grew 1.3x per inception module to 1.2e-5; 2e-6 this way).
     """
     import torch
 
@@ -65,27 +75,52 @@ def randomize_norms(model, seed: int = 0, calibration_size: int = 96, calibratio
     tracked = [m for m in norms if getattr(m, "running_mean", None) is not None]
     with torch.no_grad():
         ends = _residual_branch_ends(model)
+        branch_scale = min(0.2, 0.8 / max(len(ends), 1) ** 0.5)
         for m in norms:
             if getattr(m, "weight", None) is not None:
-                small = 0.2 if any(m is e for e in ends) else 1.0
+                small = branch_scale if any(m is e for e in ends) else 1.0
                 m.weight.copy_((torch.rand(m.weight.shape, generator=g) + 0.5) * small)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2 * small)
-        if tracked:
-            momenta = [m.momentum for m in tracked]
-            for m in tracked:
-                m.reset_running_stats()
-                m.momentum = None  # cumulative average: after one batch, exactly that batch's statistics
-            was_training = model.training
-            model.train()
-            in_chans = next(p for p in model.parameters() if p.ndim == 4).shape[1]
-            model(torch.randn(calibration_batch, in_chans, calibration_size, calibration_size, generator=g))
+        if not tracked:
+            return model
+
+        def set_stats(m, mean, var):
+            # running_var is the unbiased variance; the floor is taken against the second moment
+            var = torch.maximum(var, 1e-2 * (var + mean.square()))
+            m.running_mean.copy_(mean + 0.2 * torch.randn(mean.shape, generator=g) * var.sqrt())
+            m.running_var.copy_(var * (torch.rand(var.shape, generator=g) + 0.5))
+
+        in_chans = next(p for p in model.parameters() if p.ndim == 4).shape[1]
+        x = torch.randn(calibration_batch, in_chans, calibration_size, calibration_size, generator=g)
+        was_training = model.training
+        momenta = [m.momentum for m in tracked]
+        for m in tracked:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: after one batch, exactly that batch's statistics
+        model.train()
+        model(x)
+        for m, momentum in zip(tracked, momenta):
+            m.momentum = momentum
+            set_stats(m, m.running_mean.clone(), m.running_var.clone())
+
+        shortcuts = [n for name, mod in model.named_modules() if name.rsplit(".", 1)[-1] == "downsample"
+                     for n in mod.modules()]
+        stream = ends + shortcuts
+
+        def recalibrate(m, args):
+            x = args[0]
+            if any(m is s for s in stream) or x[0, 0].numel() == 1:
+                dims = [d for d in range(x.ndim) if d != 1]
+                set_stats(m, x.mean(dims), x.var(dims))
+
+        hooks = [m.register_forward_pre_hook(recalibrate) for m in tracked]
+        model.eval()
+        try:
+            model(x)
+        finally:
+            for h in hooks:
+                h.remove()
             model.train(was_training)
-            for m, momentum in zip(tracked, momenta):
-                m.momentum = momentum
-                # running_var is the unbiased variance; the floor is taken against the second moment
-                var = torch.maximum(m.running_var, 1e-2 * (m.running_var + m.running_mean.square()))
-                m.running_mean += 0.2 * torch.randn(m.running_mean.shape, generator=g) * var.sqrt()
-                m.running_var.copy_(var * (torch.rand(var.shape, generator=g) + 0.5))
     return model
 
 
