@@ -172,6 +172,37 @@ def test_float64_parity(key, framework, fold_bn):
     assert f64["f64_rel"] <= 1e-11, f64
 
 
+# The smallest of the scaled-down residual branches (resnet101: 33 blocks, so branch ends at
+# 0.14x) and same-shaped tensors: a mapping that confused them would pass a shape check.
+MISROUTED = {
+    "neighbouring-blocks": ("layer3.10.conv2.weight", "layer3.11.conv2.weight"),
+    "branch-end-stats": ("layer3.20.bn3.running_mean", "layer3.20.bn3.running_var"),
+    "branch-end-affine": ("layer3.20.bn3.weight", "layer3.20.bn3.bias"),
+    "inner-norm-means": ("layer4.2.bn1.running_mean", "layer4.2.bn2.running_mean"),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _deep_reference():
+    return _reference("resnet101")
+
+
+@pytest.mark.parametrize("key", MISROUTED)
+def test_misrouted_tensor_fails_parity(key):
+    """The randomised references stay sensitive to mapping errors where they are least so, in the
+    down-scaled residual branches of a deep model: two swapped tensors move the logits by 100x
+    the tolerance or more, while the true mapping passes."""
+    model = _deep_reference()
+    sd = load_state_dict(model)
+    a, b = MISROUTED[key]
+    assert sd[a].shape == sd[b].shape
+    swapped = dict(sd, **{a: sd[b], b: sd[a]})
+    good = verify("resnet101", sd, "haiku", batch=2, size=ODD, reference=model)
+    bad = verify("resnet101", swapped, "haiku", batch=2, size=ODD, reference=model)
+    assert good.passed and good.rel <= 1e-5, good
+    assert not bad.passed and bad.rel >= 1e-3, bad
+
+
 # --- training mode ----------------------------------------------------------------------------
 
 
