@@ -48,3 +48,25 @@ def test_parity_torchvision_reference(arch, framework):
 @pytest.mark.parametrize("arch", SLOW_MODELS)
 def test_parity_slow(arch, framework, fold_bn):
     _check(arch, framework, fold_bn, ODD_SIZE)
+
+
+@pytest.fixture(scope="module")
+def conditioning():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "reference_conditioning.py"
+    spec = importlib.util.spec_from_file_location("reference_conditioning", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.conditioning
+
+
+@pytest.mark.parametrize("arch", CI_MODELS)
+def test_reference_is_well_conditioned(arch, conditioning):
+    """The bar above is meaningful only if PyTorch's own fp32 logits are well within 1e-5 of its
+    float64 logits, and only if the logits depend on the input."""
+    r = conditioning(arch, size=ODD_SIZE, trace=r"^fc$")
+    assert r["fp32_vs_f64"] <= 5e-6, r  # half the bar; measured 4.6e-7..2.6e-6 on these
+    assert r["spread"] >= 0.05, r
+    assert [n for n, *_ in r["trace"]] == ["fc"] and r["trace"][0][1] == r["fp32_vs_f64"]
