@@ -64,7 +64,7 @@ def main() -> None:
     worst = max((r["rel"] for r in rows), default=float("nan"))
     lines = [
         "# Logit parity with PyTorch", "",
-        f"Measured {env['date']} with `python scripts/parity_report.py {' '.join(args.models)} --sizes "
+        f"Measured {env['date']} with `python scripts/parity_report.py --models {' '.join(args.models)} --sizes "
         f"{' '.join(args.sizes)}`: jax {env['jax']} on {env['jax_device']}, torch {env['torch']} on "
         f"{env['torch_device']}, precision `{args.precision}`, batch {args.batch} of standard-normal "
         "inputs, random weights with randomised BatchNorm statistics and affine parameters. "
