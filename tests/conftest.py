@@ -1,4 +1,6 @@
 import functools
+import importlib.util
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -18,6 +20,16 @@ def highest_precision():
 def cached_random_model(arch: str, library: str | None = None, seed: int = 0):
     """A reference model with random weights and randomised norm statistics (eval mode)."""
     return random_model(arch, library, seed=seed)
+
+
+@functools.lru_cache(maxsize=None)
+def load_script(name: str):
+    """A module of scripts/ (not a package), imported once, for tests of what the scripts do."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def rel_err(ref, out) -> float:

@@ -5,7 +5,7 @@ import pytest
 from converters.verify import verify
 from zoo import registry
 
-from .conftest import cached_random_model
+from .conftest import cached_random_model, load_script
 
 CI_MODELS = [n for n in registry.list_models() if registry.get(n).ci]
 SLOW_MODELS = [n for n in registry.list_models() if not registry.get(n).ci]
@@ -50,23 +50,11 @@ def test_parity_slow(arch, framework, fold_bn):
     _check(arch, framework, fold_bn, ODD_SIZE)
 
 
-@pytest.fixture(scope="module")
-def conditioning():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "reference_conditioning.py"
-    spec = importlib.util.spec_from_file_location("reference_conditioning", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.conditioning
-
-
 @pytest.mark.parametrize("arch", CI_MODELS)
-def test_reference_is_well_conditioned(arch, conditioning):
+def test_reference_is_well_conditioned(arch):
     """The bar above is meaningful only if PyTorch's own fp32 logits are well within 1e-5 of its
     float64 logits, and only if the logits depend on the input."""
-    r = conditioning(arch, size=ODD_SIZE, trace=r"^fc$")
+    r = load_script("reference_conditioning").conditioning(arch, size=ODD_SIZE, trace=r"^fc$")
     assert r["fp32_vs_f64"] <= 5e-6, r  # half the bar; measured 4.6e-7..2.6e-6 on these
     assert r["spread"] >= 0.05, r
     assert [n for n, *_ in r["trace"]] == ["fc"] and r["trace"][0][1] == r["fp32_vs_f64"]

@@ -9,7 +9,6 @@ in the slow sweep at the end (scripts/sweep_resnets.py).
 
 import copy
 import functools
-import importlib.util
 import json
 from pathlib import Path
 
@@ -31,9 +30,8 @@ from converters.verify import verify
 from zoo import ConversionError, ops, registry
 from zoo.spec import BlurSpec, ResNetSpec, eca_kernel_size, make_divisible, timm_pruned_widths
 
-from .conftest import close_to_float64, jax_train_forward, torch_train_step
+from .conftest import close_to_float64, jax_train_forward, load_script, torch_train_step
 
-ROOT = Path(__file__).resolve().parents[1]
 ODD = (69, 93)
 # Odd and non-square, and even at every stride-2 stage: timm's avg anti-aliasing (AvgPool2d(2))
 # and its avg_down shortcut (ceil_mode) give different sizes otherwise, and PyTorch fails.
@@ -41,12 +39,8 @@ AA_ODD = (63, 95)
 L1 = dict(layers=(1, 1, 1, 1))
 
 
-@functools.lru_cache(maxsize=1)
 def _sweep():
-    spec = importlib.util.spec_from_file_location("sweep_resnets", ROOT / "scripts" / "sweep_resnets.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("sweep_resnets")
 
 
 def _family() -> list[str]:
@@ -184,7 +178,10 @@ MISROUTED = {
 
 @functools.lru_cache(maxsize=1)
 def _deep_reference():
-    return _reference("resnet101")
+    """resnet101, its state dict, and the true mapping's report (the control, checked once)."""
+    model = _reference("resnet101")
+    sd = load_state_dict(model)
+    return model, sd, verify("resnet101", sd, "haiku", batch=2, size=ODD, reference=model)
 
 
 @pytest.mark.parametrize("key", MISROUTED)
@@ -192,12 +189,10 @@ def test_misrouted_tensor_fails_parity(key):
     """The randomised references stay sensitive to mapping errors where they are least so, in the
     down-scaled residual branches of a deep model: two swapped tensors move the logits by 100x
     the tolerance or more, while the true mapping passes."""
-    model = _deep_reference()
-    sd = load_state_dict(model)
+    model, sd, good = _deep_reference()
     a, b = MISROUTED[key]
     assert sd[a].shape == sd[b].shape
     swapped = dict(sd, **{a: sd[b], b: sd[a]})
-    good = verify("resnet101", sd, "haiku", batch=2, size=ODD, reference=model)
     bad = verify("resnet101", swapped, "haiku", batch=2, size=ODD, reference=model)
     assert good.passed and good.rel <= 1e-5, good
     assert not bad.passed and bad.rel >= 1e-3, bad
