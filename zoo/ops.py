@@ -7,10 +7,11 @@ and Equinox's single CHW examples (both have their spatial axes at 1 and 2).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from .spec import PoolSpec
@@ -44,18 +45,25 @@ def _window(ndim: int, axes: Sequence[int], value: int) -> tuple[int, ...]:
     return tuple(value if a in axes else 1 for a in range(ndim))
 
 
+def _init_value(value: float, dtype) -> np.ndarray:
+    """A reduction's init value as a concrete NumPy scalar. `reduce_window` recognises a max or a
+    sum (which have derivatives) only from a *known* identity value; a `jnp.array` is a tracer
+    under `jit`, and the generic reduction it falls back to cannot be linearised (`jit(grad)`
+    failed for every model)."""
+    return np.array(value, dtype=dtype)
+
+
 def max_pool(x: Array, p: PoolSpec, axes: Sequence[int] = SPATIAL) -> Array:
     # -inf padding: PyTorch never lets padding win a max, even for all-negative inputs.
     pads = _pool_pads(x.shape, p, axes)
-    init = jnp.array(-jnp.inf, x.dtype)
-    return jax.lax.reduce_window(x, init, jax.lax.max, _window(x.ndim, axes, p.kernel),
+    return jax.lax.reduce_window(x, _init_value(-np.inf, x.dtype), jax.lax.max, _window(x.ndim, axes, p.kernel),
                                  _window(x.ndim, axes, p.stride), pads)
 
 
 def avg_pool(x: Array, p: PoolSpec, axes: Sequence[int] = SPATIAL) -> Array:
     pads = _pool_pads(x.shape, p, axes)
     win, strides = _window(x.ndim, axes, p.kernel), _window(x.ndim, axes, p.stride)
-    total = jax.lax.reduce_window(x, jnp.array(0, x.dtype), jax.lax.add, win, strides, pads)
+    total = jax.lax.reduce_window(x, _init_value(0, x.dtype), jax.lax.add, win, strides, pads)
     # PyTorch's divisor: with count_include_pad the symmetric padding counts, the extra
     # ceil_mode padding never does; without it only real input elements count.
     ones_shape = [x.shape[a] if a in axes else 1 for a in range(x.ndim)]
@@ -64,7 +72,7 @@ def avg_pool(x: Array, p: PoolSpec, axes: Sequence[int] = SPATIAL) -> Array:
         sym = [(p.padding, p.padding) if a in axes else (0, 0) for a in range(x.ndim)]
         ones = jnp.pad(ones, sym, constant_values=1)
         pads = [(0, hi - lo) for lo, hi in pads]
-    counts = jax.lax.reduce_window(ones, jnp.array(0, x.dtype), jax.lax.add, win, strides, pads)
+    counts = jax.lax.reduce_window(ones, _init_value(0, x.dtype), jax.lax.add, win, strides, pads)
     return total / counts
 
 
@@ -95,21 +103,26 @@ def conv2d(x: Array, w: Array, b: Optional[Array], *, stride: int, padding: int,
     return y
 
 
-def bn_moments(x: Float[Array, "..."], axes: Sequence[int], axis_name: Optional[str] = None
+def bn_moments(x: Float[Array, "..."], axes: Sequence[int], axis_name: Union[None, str, tuple[str, ...]] = None
                ) -> tuple[Array, Array, Array]:
     """Batch mean, biased variance (used to normalise) and unbiased variance (PyTorch's running
-    update), in float32 (float64 for float64 inputs). With `axis_name`, statistics are reduced
-    across a vmapped batch too."""
+    update), in float32 (float64 for float64 inputs). With `axis_name` (one name or several: a
+    vmapped batch, a shard_map/pmap device axis), statistics are reduced across those axes too."""
     x = x.astype(stat_dtype(x.dtype))
     axes = tuple(axes)
-    mean = jnp.mean(x, axis=axes, keepdims=True)
+    # One axis at a time: a vmap axis and a shard_map axis cannot be named in one collective.
+    names = () if axis_name is None else (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+
+    def across(v: Array) -> Array:
+        for name in names:
+            v = jax.lax.pmean(v, name)
+        return v
+
+    mean = across(jnp.mean(x, axis=axes, keepdims=True))
     count = math.prod(x.shape[a] for a in axes)
-    if axis_name is not None:
-        mean = jax.lax.pmean(mean, axis_name)
-        count = count * jax.lax.psum(1, axis_name)
-    var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)
-    if axis_name is not None:
-        var = jax.lax.pmean(var, axis_name)
+    for name in names:
+        count = count * jax.lax.psum(1, name)
+    var = across(jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True))
     mean, var = jnp.squeeze(mean, axes), jnp.squeeze(var, axes)
     unbiased = var * (count / jnp.maximum(count - 1, 1))
     return mean, var, unbiased
@@ -241,7 +254,7 @@ def drop_block(x: Array, *, rate: float, block_size: int, gamma_scale: float, ke
     window[ha], window[wa] = kh, kw
     pads = [(0, 0)] * x.ndim
     pads[ha], pads[wa] = (kh // 2, kh // 2), (kw // 2, kw // 2)
-    block = jax.lax.reduce_window(seeds, -jnp.inf, jax.lax.max, tuple(window), (1,) * x.ndim, pads)
+    block = jax.lax.reduce_window(seeds, _init_value(-np.inf, seeds.dtype), jax.lax.max, tuple(window), (1,) * x.ndim, pads)
     # An even block makes the pooled mask one larger; PyTorch drops its first row / column.
     block = jax.lax.slice_in_dim(block, (kh + 1) % 2, None, axis=ha)
     block = jax.lax.slice_in_dim(block, (kw + 1) % 2, None, axis=wa)

@@ -104,7 +104,7 @@ class InceptionAux(eqx.Module):
         x = jax.nn.relu(self.fc1(x.reshape(-1)))  # CHW flattens in PyTorch's order
         if not self.inference and self.dropout > 0:
             x = ops.dropout(x, self.dropout, _need_key(key))
-        return self.fc2(x).astype(jnp.float32), state
+        return self.fc2(x).astype(ops.stat_dtype(x.dtype)), state
 
 
 TrunkModule = Union[BasicConv2d, MaxPool, Inception]
@@ -179,7 +179,7 @@ class GoogLeNet(eqx.Module):
         x = ops.global_avg_pool(x)
         if not self.inference and self.dropout > 0:
             x = ops.dropout(x, self.dropout, _need_key(fc_key))
-        logits = self.fc(x).astype(jnp.float32)
+        logits = self.fc(x).astype(ops.stat_dtype(self.dtype))
         if training_aux:
             return GoogLeNetOutputs(logits, aux_out["aux2"], aux_out["aux1"]), state
         return logits, state

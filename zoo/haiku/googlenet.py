@@ -66,7 +66,7 @@ class InceptionAux(hk.Module):
         x = jax.nn.relu(Linear(p.fc1)(x))
         if is_training and p.dropout > 0:
             x = ops.dropout(x, p.dropout, hk.next_rng_key())
-        return Linear(p.fc2)(x).astype(jnp.float32)
+        return Linear(p.fc2)(x).astype(ops.stat_dtype(x.dtype))
 
 
 def transform_input(x: Float[Array, "N H W 3"]) -> Float[Array, "N H W 3"]:
@@ -101,7 +101,7 @@ def googlenet_forward(plan: GoogLeNetPlan, dtype=jnp.float32):
         x = ops.global_avg_pool(x)
         if is_training and plan.spec.dropout > 0:
             x = ops.dropout(x, plan.spec.dropout, hk.next_rng_key())
-        logits = Linear(plan.fc)(x).astype(jnp.float32)
+        logits = Linear(plan.fc)(x).astype(ops.stat_dtype(dtype))
         if is_training and plan.aux:
             return GoogLeNetOutputs(logits, aux_out["aux2"], aux_out["aux1"])
         return logits
