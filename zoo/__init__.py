@@ -21,11 +21,11 @@ def __getattr__(name):
         from .model import Model
 
         return Model
-    if name in ("haiku", "equinox"):
+    if name in ("haiku", "equinox", "training"):
         import importlib
 
         return importlib.import_module(f"zoo.{name}")
     raise AttributeError(f"module 'zoo' has no attribute {name!r}")
 
 
-__all__ = ["ConversionError", "list_models", "load", "Model", "haiku", "equinox", "__version__"]
+__all__ = ["ConversionError", "list_models", "load", "Model", "haiku", "equinox", "training", "__version__"]

@@ -146,6 +146,10 @@ class GoogLeNetPlan:
     fc: LinearSpec
     norms: tuple[NormSpec, ...]  # every norm of the unfolded model
 
+    def classifiers(self) -> tuple[LinearSpec, ...]:
+        """The layers whose outputs are the classes: the classifier and the aux heads' `fc2`."""
+        return (self.fc, *(a.fc2 for a in self.aux))
+
     def fold_pairs(self) -> list[tuple[str, str]]:
         """(conv name, norm name) for every norm that folding merges into its conv."""
         return [(n.follows, n.name) for n in self.norms if n.follows is not None]

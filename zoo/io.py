@@ -111,25 +111,56 @@ class Loaded:
         return self.metadata["bn_folded"] == "true"
 
 
-def load_file(path: str | os.PathLike, framework: Optional[str] = None, *, dtype: Any = None) -> Loaded:
+def load_file(path: str | os.PathLike, framework: Optional[str] = None, *, dtype: Any = None,
+              num_classes: Optional[int] = None, key: Any = None) -> Loaded:
     """Read a zoo file into `framework` (default: the file's own). Every key is checked against
-    the architecture in the metadata; a file written for the other framework is re-laid out."""
+    the architecture in the metadata; a file written for the other framework is re-laid out.
+
+    `num_classes` different from the file's: every backbone tensor is loaded and the classifiers
+    (GoogLeNet's aux heads too) are new, initialised as PyTorch's nn.Linear from `key` (timm's
+    `reset_classifier`). The metadata then records the new number of classes."""
     from safetensors.numpy import load_file as st_load
 
     meta = read_metadata(path)
     stored = adapter(meta["framework"])
     target = adapter(framework or meta["framework"])
     try:
-        spec = registry.get_spec(meta["arch"], **json.loads(meta["overrides"]))
+        overrides = json.loads(meta["overrides"])
+        spec = registry.get_spec(meta["arch"], **overrides)
     except (KeyError, TypeError) as e:
         raise FormatError(f"{Path(path).name}: {e}") from e
     plan = spec.plan(meta["bn_folded"] == "true")
     arrays = st_load(str(path))
-    template = target.template(plan, dtype)
 
     def relayout(a: np.ndarray) -> np.ndarray:
         return target.from_torch_layout(stored.to_torch_layout(a))
 
-    merged = checked_merge(arrays, target.target_shapes(template), relayout,
+    merged = checked_merge(arrays, target.target_shapes(target.template(plan, dtype)), relayout,
                            context=f"{Path(path).name} does not fit {meta['arch']}")
+    if num_classes is not None and num_classes != spec.num_classes:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        overrides = dict(overrides, num_classes=num_classes)
+        meta = build_metadata(framework=target.name, arch=meta["arch"], overrides=overrides,
+                              fold_bn=meta["bn_folded"] == "true", source=json.loads(meta["source"]))
+        plan = registry.get_spec(meta["arch"], **overrides).plan(plan.fold_bn)
+        merged.update({k: target.from_torch_layout(v) for k, v in new_classifiers(plan, key).items()})
+    template = target.template(plan, dtype)
     return Loaded(target.fill(template, merged), plan, meta, target.name)
+
+
+def new_classifiers(plan: Any, key: Any) -> dict[str, np.ndarray]:
+    """Freshly initialised classifier layers of `plan`, PyTorch-named and laid out: nn.Linear's
+    default, U(-1/sqrt(in), 1/sqrt(in)) for weight and bias."""
+    import jax
+
+    if key is None:
+        raise ValueError("a new classifier needs a `key` to initialise it")
+    out = {}
+    for spec, k in zip(plan.classifiers(), jax.random.split(key, len(plan.classifiers()))):
+        bound = 1.0 / np.sqrt(spec.in_features)
+        kw, kb = jax.random.split(k)
+        out[f"{spec.name}.weight"] = np.asarray(
+            jax.random.uniform(kw, (spec.out_features, spec.in_features), minval=-bound, maxval=bound))
+        out[f"{spec.name}.bias"] = np.asarray(jax.random.uniform(kb, (spec.out_features,), minval=-bound, maxval=bound))
+    return out

@@ -365,6 +365,10 @@ class ResNetPlan:
         """(conv name, norm name) for every norm that folding merges into its conv."""
         return [(n.follows, n.name) for n in self.norms if n.follows is not None]
 
+    def classifiers(self) -> tuple[LinearSpec, ...]:
+        """The layers whose outputs are the classes (replaced when `num_classes` changes)."""
+        return (self.fc,)
+
     def all_convs(self) -> list[ConvSpec]:
         """Every 2-D conv with weights, in module order."""
         out = list(self.stem_convs) + [m for m in self.maxpool if isinstance(m, ConvSpec)]

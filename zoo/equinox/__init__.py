@@ -12,7 +12,8 @@ BatchNorm running statistics live in the `eqx.nn.State`.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import copy
+from typing import Any, Mapping, Optional
 
 import equinox as eqx
 import jax
@@ -23,7 +24,7 @@ from .. import registry
 from ..googlenet import GoogLeNetPlan
 from ..spec import ResNetPlan
 from .googlenet import GoogLeNet
-from .layers import BATCH_AXIS
+from .layers import BATCH_AXIS, BatchNorm
 from .resnet import ResNet
 
 FRAMEWORK = "equinox"
@@ -31,7 +32,7 @@ LAYOUT = "conv OIHW, linear (out, in), CHW activations (as PyTorch)"
 _STATE_FIELD = "state_index"
 _STATE_LEAVES = ("running_mean", "running_var")
 
-__all__ = ["create", "load", "named_arrays", "from_named_arrays", "template", "BATCH_AXIS"]
+__all__ = ["create", "load", "named_arrays", "from_named_arrays", "template", "with_cross_replica_axis", "BATCH_AXIS"]
 
 
 def from_torch_layout(a: Any) -> Any:
@@ -56,14 +57,34 @@ def build(plan: Any, *, key: PRNGKeyArray, dtype: Any = jnp.float32) -> tuple[eq
 
 
 def create(name: str, *, key: PRNGKeyArray, dtype: Any = jnp.float32, fold_bn: bool = False,
-           **overrides: Any) -> tuple[eqx.Module, eqx.nn.State]:
+           cross_replica_axis: Optional[str] = None, **overrides: Any) -> tuple[eqx.Module, eqx.nn.State]:
     """The registered architecture `name` (spec fields such as `num_classes` may be overridden).
 
     `dtype` is the compute dtype (bfloat16/float16 for mixed precision); parameters and BatchNorm
     statistics stay float32. `fold_bn=True` builds the inference-only variant whose convs carry
-    the folded BatchNorm as a bias (its state is empty).
+    the folded BatchNorm as a bias (its state is empty). `cross_replica_axis`: see
+    `with_cross_replica_axis`.
     """
-    return build(registry.get_spec(name, **overrides).plan(fold_bn), key=key, dtype=dtype)
+    model, state = build(registry.get_spec(name, **overrides).plan(fold_bn), key=key, dtype=dtype)
+    return with_cross_replica_axis(model, cross_replica_axis), state
+
+
+def with_cross_replica_axis(model: Any, axis_name: Optional[str]) -> Any:
+    """The model whose BatchNorms take training statistics over the vmapped batch *and* the
+    device axis `axis_name` of a surrounding `shard_map` or `pmap`, where each device sees only
+    its shard (Haiku's `cross_replica_axis`). Not needed with `jit` over sharded arrays, where the
+    batch axis is already global. None: the model unchanged."""
+    if axis_name is None:
+        return model
+
+    def swap(m: Any) -> Any:
+        if not isinstance(m, BatchNorm):
+            return m
+        new = copy.copy(m)
+        object.__setattr__(new, "axis_name", (BATCH_AXIS, axis_name))  # a static field
+        return new
+
+    return jax.tree_util.tree_map(swap, model, is_leaf=lambda m: isinstance(m, BatchNorm))
 
 
 def template(plan: Any, dtype: Any = jnp.float32) -> tuple[eqx.Module, eqx.nn.State]:
@@ -93,16 +114,24 @@ def _is_leaf_array(x: Any) -> bool:
     return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
 
 
-def named_arrays(model: Any, state: eqx.nn.State) -> dict[str, Any]:
-    """Flatten a model and its state to PyTorch-named leaves (tree paths are PyTorch names)."""
+# Fields that are pytree leaves but no PyTorch tensor: the training/inference mode switch.
+_FLAGS = ("inference",)
+
+
+def named_arrays(model: Any, state: Optional[eqx.nn.State] = None) -> dict[str, Any]:
+    """Flatten a model, or any tree shaped like one (gradients, a filtered model, a boolean mask
+    from `zoo.training.decay_mask`), and its state to PyTorch-named leaves: tree paths are PyTorch
+    names. Every leaf is listed, arrays or not, except the `inference` mode flags; leaves set to
+    None (filtered out) are absent. Without `state`, running statistics are left out."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(model, is_leaf=_is_index)[0]:
         name = _dotted(path)
         if _is_index(leaf):
-            base = name[: -len(_STATE_FIELD) - 1]
-            for leaf_name, value in zip(_STATE_LEAVES, state.get(leaf)):
-                out[f"{base}.{leaf_name}"] = value
-        elif _is_leaf_array(leaf):
+            if state is not None:
+                base = name[: -len(_STATE_FIELD) - 1]
+                for leaf_name, value in zip(_STATE_LEAVES, state.get(leaf)):
+                    out[f"{base}.{leaf_name}"] = value
+        elif not (isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name in _FLAGS):
             out[name] = leaf
     return out
 
@@ -128,10 +157,16 @@ def from_named_arrays(model_t: Any, arrays: Mapping[str, Any]) -> tuple[Any, eqx
     return eqx.nn.delete_init_state(model), state
 
 
-def load(path: str, *, dtype: Any = jnp.float32) -> tuple[Any, eqx.nn.State]:
+def load(path: str, *, dtype: Any = jnp.float32, num_classes: Optional[int] = None,
+         key: Optional[PRNGKeyArray] = None, cross_replica_axis: Optional[str] = None
+         ) -> tuple[Any, eqx.nn.State]:
     """Load a converted `.safetensors` file: (model, state). The metadata and every key are
-    checked against the architecture it names."""
+    checked against the architecture it names.
+
+    `num_classes`: a new classifier of that size (and new GoogLeNet aux heads) on the loaded
+    backbone, initialised as PyTorch's nn.Linear from `key` (needed then), for fine-tuning
+    (timm's `reset_classifier`)."""
     from ..io import load_file
 
-    loaded = load_file(path, FRAMEWORK, dtype=dtype)
-    return loaded.objects
+    model, state = load_file(path, FRAMEWORK, dtype=dtype, num_classes=num_classes, key=key).objects
+    return with_cross_replica_axis(model, cross_replica_axis), state

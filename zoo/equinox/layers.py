@@ -7,7 +7,7 @@ model's tree paths are its PyTorch names. Parameters are float32 whatever the co
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import equinox as eqx
 import jax
@@ -69,7 +69,8 @@ class BatchNorm(eqx.Module):
     bias: Float[Array, " C"]
     state_index: eqx.nn.StateIndex
     eps: float = eqx.field(static=True)
-    axis_name: str = eqx.field(static=True)
+    # The vmapped batch axis, and a device axis too under shard_map/pmap (`cross_replica_axis`).
+    axis_name: Union[str, tuple[str, ...]] = eqx.field(static=True)
     inference: bool
 
     def __init__(self, spec: NormSpec, *, axis_name: str = BATCH_AXIS, inference: bool = False):
@@ -151,6 +152,10 @@ class Conv1d(eqx.Module):
     def __call__(self, x: Float[Array, "C L"]) -> Float[Array, "O L"]:
         return ops.conv1d(x[None], self.weight, self.bias, padding=self.padding,
                           dimension_numbers=("NCW", "OIW", "NCW"))[0]
+
+
+# The modules whose `weight` is a kernel (decayed in training), unlike a norm's scale.
+KERNEL_MODULES = (Conv2d, Conv1d, Linear)
 
 
 class BlurPool(eqx.Module):

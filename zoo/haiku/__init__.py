@@ -9,7 +9,8 @@ Conv kernels are HWIO, Linear weights (in, out); BatchNorm running statistics li
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+import functools
+from typing import Any, Callable, Mapping, Optional
 
 import haiku as hk
 import jax
@@ -20,6 +21,7 @@ from ..googlenet import GoogLeNetPlan
 from ..naming import HAIKU_LEAVES, haiku_from_torch_layout, torch_module
 from ..spec import ResNetPlan
 from .googlenet import googlenet_forward
+from .layers import cross_replica
 from .resnet import resnet_forward
 
 FRAMEWORK = "haiku"
@@ -33,19 +35,32 @@ __all__ = ["create", "load", "named_arrays", "from_named_arrays", "template"]
 FORWARDS: dict[type, Callable] = {ResNetPlan: resnet_forward, GoogLeNetPlan: googlenet_forward}
 
 
-def build(plan: Any, dtype: Any = jnp.float32) -> hk.TransformedWithState:
-    return hk.transform_with_state(FORWARDS[type(plan)](plan, dtype))
+def build(plan: Any, dtype: Any = jnp.float32, cross_replica_axis: Optional[str] = None
+          ) -> hk.TransformedWithState:
+    forward = FORWARDS[type(plan)](plan, dtype)
+    if cross_replica_axis is None:
+        return hk.transform_with_state(forward)
+
+    @functools.wraps(forward)
+    def synced(*args: Any, **kwargs: Any) -> Any:
+        with cross_replica(cross_replica_axis):
+            return forward(*args, **kwargs)
+
+    return hk.transform_with_state(synced)
 
 
 def create(name: str, *, dtype: Any = jnp.float32, fold_bn: bool = False,
-           **overrides: Any) -> hk.TransformedWithState:
+           cross_replica_axis: Optional[str] = None, **overrides: Any) -> hk.TransformedWithState:
     """The registered architecture `name` (spec fields such as `num_classes` may be overridden).
 
     `dtype` is the compute dtype (bfloat16/float16 for mixed precision); parameters and BatchNorm
     statistics stay float32. `fold_bn=True` builds the inference-only variant whose convs carry
-    the folded BatchNorm as a bias.
+    the folded BatchNorm as a bias. `cross_replica_axis`: the device axis of a surrounding
+    `shard_map` or `pmap`, where each device sees only its shard; training-mode BatchNorm then
+    averages its statistics over it (as `hk.BatchNorm`'s argument of that name). Not needed with
+    `jit` over sharded arrays, where the batch axis is already global.
     """
-    return build(registry.get_spec(name, **overrides).plan(fold_bn), dtype)
+    return build(registry.get_spec(name, **overrides).plan(fold_bn), dtype, cross_replica_axis)
 
 
 def template(plan: Any) -> tuple[hk.Params, hk.State]:
@@ -56,10 +71,11 @@ def template(plan: Any) -> tuple[hk.Params, hk.State]:
     return jax.eval_shape(lambda k, x: net.init(k, x, is_training=False), jax.random.key(0), x)
 
 
-def named_arrays(params: Mapping, state: Mapping) -> dict[str, Any]:
-    """Flatten Haiku's {module: {leaf: array}} trees to PyTorch-named leaves."""
+def named_arrays(params: Mapping, state: Optional[Mapping] = None) -> dict[str, Any]:
+    """Flatten Haiku's {module: {leaf: value}} trees (params, or any tree shaped like them:
+    gradients, a boolean mask; and the state, if given) to PyTorch-named leaves."""
     out = {}
-    for tree in (params, state):
+    for tree in (params, state or {}):
         for module, leaves in tree.items():
             for leaf, value in leaves.items():
                 out[f"{torch_module(module)}.{HAIKU_LEAVES[leaf]}"] = value
@@ -78,12 +94,18 @@ def from_named_arrays(params_t: Mapping, state_t: Mapping,
     return fill(params_t), fill(state_t)
 
 
-def load(path: str, *, dtype: Any = jnp.float32
-         ) -> tuple[hk.TransformedWithState, hk.Params, hk.State]:
+def load(path: str, *, dtype: Any = jnp.float32, num_classes: Optional[int] = None, key: Any = None,
+         cross_replica_axis: Optional[str] = None) -> tuple[hk.TransformedWithState, hk.Params, hk.State]:
     """Load a converted `.safetensors` file: (transformed, params, state). The metadata and every
-    key are checked against the architecture it names."""
+    key are checked against the architecture it names.
+
+    `num_classes`: a new classifier of that size (and new GoogLeNet aux heads) on the loaded
+    backbone, initialised as PyTorch's nn.Linear from `key` (default `jax.random.key(0)`), for
+    fine-tuning (timm's `reset_classifier`)."""
     from ..io import load_file
 
-    loaded = load_file(path, FRAMEWORK)
+    if key is None and num_classes is not None:
+        key = jax.random.key(0)
+    loaded = load_file(path, FRAMEWORK, num_classes=num_classes, key=key)
     params, state = loaded.objects
-    return build(loaded.plan, dtype), params, state
+    return build(loaded.plan, dtype, cross_replica_axis), params, state

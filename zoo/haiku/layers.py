@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from typing import Iterator, Optional
 
 import haiku as hk
 import jax
@@ -14,6 +17,20 @@ from ..naming import haiku_module
 from ..spec import Conv1dSpec, ConvSpec, LinearSpec, NormSpec
 
 MOMENTUM = 0.1  # PyTorch's BatchNorm default, which every model here uses
+
+# The device axis training-mode BatchNorm also averages over (see `zoo.haiku.create`). Set around
+# a forward pass rather than passed to every Norm: the wiring code need not thread it through.
+_CROSS_REPLICA_AXIS: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("cross_replica_axis",
+                                                                                    default=None)
+
+
+@contextlib.contextmanager
+def cross_replica(axis_name: Optional[str]) -> Iterator[None]:
+    token = _CROSS_REPLICA_AXIS.set(axis_name)
+    try:
+        yield
+    finally:
+        _CROSS_REPLICA_AXIS.reset(token)
 
 
 def local_name(torch_name: str) -> str:
@@ -77,7 +94,7 @@ class Norm(hk.Module):
         running_mean = hk.get_state("mean", (s.channels,), jnp.float32, jnp.zeros)
         running_var = hk.get_state("var", (s.channels,), jnp.float32, jnp.ones)
         if is_training:
-            mean, var, unbiased = ops.bn_moments(x, (0, 1, 2))
+            mean, var, unbiased = ops.bn_moments(x, (0, 1, 2), _CROSS_REPLICA_AXIS.get())
             hk.set_state("mean", ops.ema_update(running_mean, mean, MOMENTUM))
             hk.set_state("var", ops.ema_update(running_var, unbiased, MOMENTUM))
         else:
