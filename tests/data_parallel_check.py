@@ -1,0 +1,96 @@
+"""Run by tests/test_training.py in a subprocess with 8 simulated CPU devices
+(XLA_FLAGS=--xla_force_host_platform_device_count=8; the flag must be set before JAX starts).
+
+One SGD step (momentum, so the optimizer's trace after one step is the gradient) on a global batch
+of 16, three ways: on one device; `jit` over a batch sharded across the 8 devices; and
+`shard_map`, each device seeing 2 examples, with the norms' `cross_replica_axis`. Prints, as JSON,
+the largest relative difference from the single-device run of the training-mode logits, the
+gradients, the updated parameters and the updated BatchNorm statistics."""
+
+import json
+import sys
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+import zoo.equinox
+import zoo.haiku
+import zoo.training as zt
+
+ARCH, BATCH, CLASSES = "resnet10t", 16, 5
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
+
+
+def worst(a, b) -> float:
+    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(leaves_a) == len(leaves_b) > 0
+    return max(rel(x, y) for x, y in zip(leaves_a, leaves_b))
+
+
+def main(framework: str) -> dict:
+    assert len(jax.devices()) == 8, jax.devices()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((BATCH, 3, 45, 53)).astype(np.float32)
+    images = x.transpose(0, 2, 3, 1) if framework == "haiku" else x
+    labels = rng.integers(0, CLASSES, BATCH)
+    if framework == "haiku":
+        model = zoo.haiku.create(ARCH, num_classes=CLASSES)
+        synced = zoo.haiku.create(ARCH, num_classes=CLASSES, cross_replica_axis="data")
+        params, state = model.init(jax.random.key(0), images, is_training=True)
+        synced_params = params
+    else:
+        model, state = zoo.equinox.create(ARCH, key=jax.random.key(0), num_classes=CLASSES)
+        synced = zoo.equinox.with_cross_replica_axis(model, "data")
+        params, synced_params = model, synced
+    tx = optax.sgd(0.1, momentum=0.9)
+    fresh = lambda t: jax.tree_util.tree_map(lambda a: jnp.array(a) if eqx.is_array(a) else a, t)  # noqa: E731
+    forward = zt._forward(model)
+    synced_forward = zt._forward(synced)
+
+    def arrays(ts):
+        return eqx.filter((ts.params, ts.state, ts.opt_state), eqx.is_array)
+
+    # One device, the whole batch.
+    ts1, _ = zt.make_train_step(model, tx)(zt.TrainState.create(fresh(params), fresh(state), tx), images, labels)
+    logits1, _ = eqx.filter_jit(lambda p, s, x: forward(p, s, x, None, True))(params, state, images)
+
+    # jit over sharded arrays: the same step and forward.
+    mesh = zt.data_parallel_mesh()
+    ts0 = zt.replicate(zt.TrainState.create(fresh(params), fresh(state), tx), mesh)
+    sharded = zt.shard_batch((images, labels), mesh)
+    assert len(sharded[0].sharding.device_set) == 8
+    ts2, _ = zt.make_train_step(model, tx)(ts0, *sharded)
+    logits2, _ = eqx.filter_jit(lambda p, s, x: forward(p, s, x, None, True))(
+        zt.replicate(params, mesh), zt.replicate(state, mesh), sharded[0])
+
+    # shard_map: each device its 2 examples, the norms synchronised across devices.
+    ts0 = zt.replicate(zt.TrainState.create(fresh(synced_params), fresh(state), tx), mesh)
+    ts3, _ = zt.make_shard_map_train_step(synced, tx, mesh)(ts0, *sharded)
+    dynamic, static = eqx.partition(synced_params, eqx.is_array)
+    per_device = jax.shard_map(lambda d, s, x: synced_forward(eqx.combine(d, static), s, x, None, True)[0],
+                               mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=P("data"), check_vma=False)
+    logits3 = jax.jit(per_device)(dynamic, state, sharded[0])
+
+    out = {}
+    for how, ts, logits in (("jit_sharded", ts2, logits2), ("shard_map", ts3, logits3)):
+        out[how] = {
+            "logits": rel(logits1, logits),
+            "gradients": worst(ts1.opt_state, ts.opt_state),  # the momentum trace after one step
+            "params": worst(eqx.filter(ts1.params, eqx.is_array), eqx.filter(ts.params, eqx.is_array)),
+            "running_stats": worst(ts1.state, ts.state),
+            "devices": len(jax.tree_util.tree_leaves(arrays(ts))[0].sharding.device_set),
+        }
+    return out
+
+
+if __name__ == "__main__":
+    jax.config.update("jax_default_matmul_precision", "highest")
+    print(json.dumps(main(sys.argv[1])))
