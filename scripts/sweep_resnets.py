@@ -167,8 +167,41 @@ def diagnose(f64: dict[str, float]) -> str:
             + ("fp32 rounding, same function" if rounding else "a different function"))
 
 
+def gradient_check(name: str, sd: Any, framework: str, *, size: tuple[int, int], batch: int = BATCH) -> dict[str, Any]:
+    """One jitted training step (`zoo.training.make_train_step`: value_and_grad of the
+    cross-entropy in training mode, then SGD) on the converted model: is it finite?"""
+    import equinox as eqx
+    import jax
+    import numpy as np
+    import optax
+
+    import zoo.training as zt
+    from converters.convert import convert_state_dict
+    from converters.verify import inputs
+
+    converted = convert_state_dict(name, sd, framework)
+    x = inputs(batch, size, 3, 1)
+    if framework == "haiku":
+        import zoo.haiku
+
+        model = zoo.haiku.build(converted.loaded.plan)
+        params, state = converted.objects
+        x = x.transpose(0, 2, 3, 1)
+    else:
+        model, state = converted.objects
+        params = model
+    tx = optax.sgd(1e-3)
+    t0 = time.time()
+    ts, metrics = zt.make_train_step(model, tx)(zt.TrainState.create(params, state, tx), x, np.arange(batch) % 7)
+    leaves = jax.tree_util.tree_leaves(eqx.filter((ts.params, ts.state), eqx.is_array))
+    finite = bool(np.isfinite(float(metrics["loss"])) and all(np.all(np.isfinite(np.asarray(v))) for v in leaves))
+    return {"framework": framework, "loss": float(metrics["loss"]), "finite": finite,
+            "seconds": round(time.time() - t0, 1)}
+
+
 def check_model(name: str, *, batch: int = BATCH) -> dict[str, Any]:
-    """Verify one registered model in both frameworks, folded and not. Never raises."""
+    """Verify one registered model in both frameworks, folded and not, and take one jitted
+    gradient in each framework. Never raises."""
     from converters.state_dict import load_state_dict
     from converters.torch_models import random_model
     from converters.verify import verify
@@ -196,8 +229,10 @@ def check_model(name: str, *, batch: int = BATCH) -> dict[str, Any]:
                     res.update(float64_check(name, model, sd, framework, fold_bn=fold, size=size, batch=batch))
                     res["diagnosis"] = diagnose(res)
                 row["results"].append(res)
+        row["gradients"] = [gradient_check(name, sd, framework, size=size, batch=batch) for framework in FRAMEWORKS]
         failed = [f"{r['framework']}{' folded' if r['fold_bn'] else ''}: rel {r['rel']:.1e}, top-1 {r['top1']:.2f}, "
                   f"{r['diagnosis']}" for r in row["results"] if not r["passed"]]
+        failed += [f"{g['framework']}: jitted gradient not finite" for g in row["gradients"] if not g["finite"]]
         row["passed"] = not failed
         row["reason"] = "; ".join(failed)
     except Exception as e:  # reported per model, the sweep goes on
@@ -206,8 +241,47 @@ def check_model(name: str, *, batch: int = BATCH) -> dict[str, Any]:
     return row
 
 
-def _check_in_subprocess(name: str, timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", name]
+def check_gradients(name: str) -> dict[str, Any]:
+    """`gradient_check` in both frameworks for one model, on the sweep's reference weights. Never
+    raises."""
+    from converters.state_dict import load_state_dict
+    from converters.torch_models import random_model
+
+    t0 = time.time()
+    try:
+        model = random_model(name)
+        size = SIZE if _runs_at(model, SIZE) is None else FALLBACK_SIZE
+        sd = load_state_dict(model)
+        grads = [gradient_check(name, sd, fw, size=size) for fw in FRAMEWORKS]
+        return {"name": name, "gradients": grads, "seconds": round(time.time() - t0, 1)}
+    except Exception as e:  # reported per model, the sweep goes on
+        return {"name": name, "gradients": [], "seconds": round(time.time() - t0, 1),
+                "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+
+
+def add_gradients(out: Path, patterns: list[str], timeout: float) -> None:
+    """Take the jitted gradients of every model in OUT.json (one process per model) and rewrite
+    the report, keeping the parity results."""
+    data = json.loads(out.with_suffix(".json").read_text())
+    rows = data["models"]
+    todo = [r for r in rows if any(fnmatch.fnmatch(r["name"], p) for p in patterns)]
+    todo.sort(key=lambda r: _param_estimate(r["name"]))
+    t0 = time.time()
+    for i, row in enumerate(todo):
+        res = _check_in_subprocess(row["name"], timeout, flag="--one-gradients")
+        row["gradients"] = res.get("gradients", [])
+        if not row["gradients"] or not all(g["finite"] for g in row["gradients"]):
+            row["passed"] = False
+            row["reason"] = "; ".join(filter(None, [row["reason"], res.get("reason") or "jitted gradient not finite"]))
+        print(f"[{i + 1}/{len(todo)}] {row['name']}: "
+              f"{'finite' if row['gradients'] and all(g['finite'] for g in row['gradients']) else 'FAIL'} "
+              f"({res.get('seconds', 0):.0f}s)", flush=True)
+        data["meta"]["gradient_seconds"] = round(time.time() - t0, 1)
+        _write(rows, [r["name"] for r in rows], data["meta"], out)
+
+
+def _check_in_subprocess(name: str, timeout: float, flag: str = "--one") -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), flag, name]
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -295,6 +369,8 @@ def markdown(rows: list[dict], names: list[str], meta: dict) -> str:
         f"({meta['fallback_size'][0]}x{meta['fallback_size'][1]} where timm",
         "itself cannot run that size). Pass: relative error ‖Δ‖/‖ref‖ ≤ 1e-5 and the same top-1 for every",
         "sample, in all four variants. Folding is a no-op for GroupNorm models (no running statistics).",
+        "Gradients: one jitted training step (`zoo.training.make_train_step`, cross-entropy in training",
+        "mode, SGD) per framework on the converted model; pass: loss, parameters and statistics finite.",
         "The random models are conditioned like trained ones (`converters.torch_models.randomize_norms`):",
         "otherwise PyTorch's own fp32 logits can be 1e-5..1e-1 from float64, and no two fp32",
         "implementations could agree to 1e-5. A failure is diagnosed by running the port in float64",
@@ -310,21 +386,31 @@ def markdown(rows: list[dict], names: list[str], meta: dict) -> str:
     if "seconds" in meta:
         lines.append(f"- sweep time: {meta['seconds'] / 60:.1f} min ({meta['platform']}); started "
                      f"{meta['started']}{', finished ' + meta['finished'] if 'finished' in meta else ' (in progress)'}")
+    grads = [g for r in rows for g in r.get("gradients") or []]
+    if grads:
+        lines.append(f"- jitted gradients: {sum(g['finite'] for g in grads)} of {len(grads)} finite "
+                     f"({len({r['name'] for r in rows if r.get('gradients')})} models x 2 frameworks)"
+                     + (f", taken in {meta['gradient_seconds'] / 60:.1f} min by `--gradients-only`"
+                        if "gradient_seconds" in meta else ""))
     if EXCLUDED:
         lines += ["", "Excluded:", ""] + [f"- `{n}`: {why}" for n, why in sorted(EXCLUDED.items())]
     if pending:
         lines += ["", f"Not run yet: {', '.join(pending)}"]
-    lines += ["", "| model | params (M) | size | haiku | haiku folded | equinox | equinox folded | result |",
-              "|---|---:|---|---:|---:|---:|---:|---|"]
+    lines += ["", "| model | params (M) | size | haiku | haiku folded | equinox | equinox folded | jitted grad |"
+              " result |", "|---|---:|---|---:|---:|---:|---:|---|---|"]
     for r in rows:
         rel = {(x["framework"], x["fold_bn"]): f"{x['rel']:.2e}" for x in r["results"]}
         cells = [rel.get((fw, f), "-") for fw in FRAMEWORKS for f in (False, True)]
         size = "x".join(map(str, r["size"])) if r.get("size") else "-"
         params = f"{r['params'] / 1e6:.1f}" if r.get("params") else "-"
+        grads = r.get("gradients") or []
+        grad = ("-" if not grads else "finite" if all(g["finite"] for g in grads) else "NOT finite")
+        if grads:
+            grad += f" ({', '.join(str(g['seconds']) for g in grads)} s)"
         result = "pass" if r["passed"] else f"FAIL: {r['reason']}"
         if r.get("size_note"):
             result += f" ({r['size_note']})"
-        lines.append(f"| {r['name']} | {params} | {size} | " + " | ".join(cells) + f" | {result} |")
+        lines.append(f"| {r['name']} | {params} | {size} | " + " | ".join(cells) + f" | {grad} | {result} |")
     return "\n".join(lines) + "\n"
 
 
@@ -336,13 +422,20 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="Skip models already in OUT.json.")
     ap.add_argument("--rerun-failed", action="store_true", help="With --resume, check failed models again.")
     ap.add_argument("--no-isolate", action="store_true", help="Run every model in this process.")
+    ap.add_argument("--gradients-only", action="store_true",
+                    help="Keep OUT.json's parity results; (re)take each model's jitted gradients.")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: check one model, print its JSON
+    ap.add_argument("--one-gradients", help=argparse.SUPPRESS)  # internal: gradients of one model
     args = ap.parse_args()
-    if args.one:
+    if args.one or args.one_gradients:
         import jax
 
         jax.config.update("jax_default_matmul_precision", "highest")
-        print(json.dumps(check_model(args.one)))
+        print(json.dumps(check_model(args.one) if args.one else check_gradients(args.one_gradients)))
+        return
+    if args.gradients_only:
+        out = Path(args.out)
+        add_gradients(out if out.is_absolute() else ROOT / out, args.models, args.timeout)
         return
     t = time.time()
     names = timm_resnet_names()
