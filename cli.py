@@ -56,10 +56,22 @@ def _fail(e: BaseException) -> None:
 
 
 def _overrides(num_classes: Optional[int], no_aux: bool = False,
-               transform_input: Optional[bool] = None) -> dict:
+               transform_input: Optional[bool] = None, in_chans: Optional[int] = None,
+               features_only: bool = False, out_indices: Optional[str] = None) -> dict:
     out = {}
     if num_classes is not None:
         out["num_classes"] = num_classes
+    if in_chans is not None:
+        out["in_chans"] = in_chans
+    if features_only:
+        out["features_only"] = True
+    if out_indices is not None:
+        if not features_only:
+            raise ValueError("--out-indices needs --features-only")
+        try:
+            out["out_indices"] = tuple(int(i) for i in out_indices.split(","))
+        except ValueError:
+            raise ValueError(f"--out-indices takes comma-separated levels such as 1,2,3, not {out_indices!r}") from None
     if no_aux:
         out["aux_logits"] = False
     if transform_input is not None:
@@ -109,7 +121,17 @@ def convert(
     framework: Framework = typer.Option(..., "--framework", "-f"),
     out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
     fold_bn: bool = typer.Option(False, "--fold-bn", help="Fold BatchNorm into the preceding convs (inference only)."),
-    num_classes: Optional[int] = typer.Option(None, help="Classifier size (default: read from the checkpoint)."),
+    num_classes: Optional[int] = typer.Option(
+        None, help="Classifier size (default: the checkpoint's). Another size keeps the backbone and "
+                   "initialises a new classifier (timm's reset_classifier); 0: pooled features, no classifier."),
+    in_chans: Optional[int] = typer.Option(
+        None, "--in-chans", help="Input channels (default: the checkpoint's); another number adapts the "
+                                 "input conv as timm does (sum for 1, repeat and rescale for more)."),
+    features_only: bool = typer.Option(False, "--features-only",
+                                       help="A feature extractor (timm's features_only): no head."),
+    out_indices: Optional[str] = typer.Option(None, "--out-indices",
+                                              help="With --features-only: levels 0-4, e.g. 1,2,3,4."),
+    seed: int = typer.Option(0, help="Seed of a new classifier's initialisation."),
     no_aux: bool = typer.Option(False, "--no-aux", help="GoogLeNet: drop the auxiliary classifiers."),
     transform_input: Optional[bool] = typer.Option(None, "--transform-input/--no-transform-input",
                                                    help=_TRANSFORM_INPUT_HELP),
@@ -124,7 +146,10 @@ def convert(
             raise ValueError("pass exactly one of --checkpoint FILE and --pretrained")
         if out.exists() and not force:
             raise FileExistsError(f"{out} exists; pass --force to overwrite")
-        overrides = _overrides(num_classes, no_aux, transform_input)
+        overrides = _overrides(num_classes, no_aux, transform_input, in_chans, features_only, out_indices)
+        from zoo import registry
+
+        registry.get_spec(name, **overrides)  # bad options fail before any work
         with console.status(f"converting {name} to {framework.value}…"):
             if checkpoint is not None:
                 source = checkpoint
@@ -133,7 +158,7 @@ def convert(
                 source = pretrained_state_dict(name, lib)
                 overrides = {**pretrained_overrides(name, lib), **overrides}
             path = convert_to_file(name, source, framework.value, out, fold_bn=fold_bn, force=force,
-                                   overrides=overrides)
+                                   overrides=overrides, seed=seed)
         console.print(f"wrote {path} ({_human(path.stat().st_size)})")
     except Exception as e:  # noqa: BLE001 - one line per error, traceback under --debug
         _fail(e)
@@ -152,7 +177,10 @@ def verify(
     size: Tuple[int, int] = typer.Option((224, 224), "--size", help="Input height and width: --size H W."),
     precision: Precision = typer.Option(Precision.highest, "--precision"),
     library: Optional[Library] = typer.Option(None, help="Reference PyTorch library (default: timm when it has the model)."),
-    num_classes: Optional[int] = typer.Option(None),
+    num_classes: Optional[int] = typer.Option(None, help="As for convert: another size is a new head."),
+    in_chans: Optional[int] = typer.Option(None, "--in-chans", help="As for convert: an adapted input conv."),
+    features_only: bool = typer.Option(False, "--features-only", help="Compare every feature map."),
+    out_indices: Optional[str] = typer.Option(None, "--out-indices", help="With --features-only: e.g. 1,2,3,4."),
     no_aux: bool = typer.Option(False, "--no-aux"),
     transform_input: Optional[bool] = typer.Option(None, "--transform-input/--no-transform-input",
                                                    help=_TRANSFORM_INPUT_HELP),
@@ -168,7 +196,8 @@ def verify(
                                 batch=batch, size=(size[0], size[1]), precision=precision.value, seed=seed,
                                 library=library.value if library else None,
                                 converted_file=str(converted) if converted else None,
-                                overrides=_overrides(num_classes, no_aux, transform_input))
+                                overrides=_overrides(num_classes, no_aux, transform_input, in_chans,
+                                                     features_only, out_indices))
     except Exception as e:  # noqa: BLE001
         _fail(e)
         return
@@ -233,6 +262,22 @@ def info(path: Path = typer.Argument(..., help="A zoo .safetensors file."),
         table.add_row(k, f"{v:,}" if isinstance(v, int) else str(v))
     table.add_row("size", _human(path.stat().st_size))
     console.print(table)
+
+
+@app.command()
+def export(path: Path = typer.Argument(..., help="A zoo .safetensors file (either framework, not bn-folded)."),
+           out: Path = typer.Option(..., "--out", "-o",
+                                    help="PyTorch state dict to write: .pth, .pt or .safetensors."),
+           force: bool = typer.Option(False, "--force", help="Overwrite an existing output file.")) -> None:
+    """Write a zoo file back as a PyTorch state dict, which the timm / torchvision model of its
+    architecture (with the same head options) loads with strict=True."""
+    try:
+        from zoo.io import export_file
+
+        written = export_file(path, out, force=force)
+        console.print(f"wrote {written} ({_human(written.stat().st_size)})")
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
 
 
 @app.command("random-checkpoint")

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from zoo import registry
+from zoo._surgery import adapt, split_surgery, target_overrides
 from zoo.checked import ConversionError, checked_merge
 from zoo.frameworks import adapter
 from zoo.io import Loaded, build_metadata, save_file
@@ -29,15 +30,20 @@ class Converted:
 
 
 def infer_overrides(arch: str, sd: Mapping[str, np.ndarray], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Fill in `num_classes` from the checkpoint's classifier when the caller did not set it, and
-    `aux_logits=False` when the checkpoint has none of the auxiliary heads (GoogLeNet)."""
+    """The options of the network the checkpoint holds: `num_classes` from its classifier and
+    `in_chans` from its input conv when the caller did not set them, `aux_logits=False` when it has
+    none of the auxiliary heads (GoogLeNet), and a spec's own readings (pruned widths)."""
     out = dict(overrides)
+    default = registry.get_spec(arch)
     if "num_classes" not in out:
-        fc = registry.get_spec(arch).plan().fc
-        w = sd.get(f"{fc.name}.weight")
-        if w is not None and w.ndim == 2 and w.shape[0] != registry.get_spec(arch).num_classes:
+        w = sd.get("fc.weight")
+        if w is not None and w.ndim == 2 and w.shape[0] != default.num_classes:
             out["num_classes"] = int(w.shape[0])
-    if "aux_logits" not in out and getattr(registry.get_spec(arch), "aux_logits", False):
+    if "in_chans" not in out:
+        w = sd.get(f"{default.plan().first_conv.name}.weight")
+        if w is not None and np.ndim(w) == 4 and w.shape[1] != default.in_chans:
+            out["in_chans"] = int(w.shape[1])
+    if "aux_logits" not in out and getattr(default, "aux_logits", False):
         if not any(k.startswith(_aux_prefixes(arch)) for k in sd):
             out["aux_logits"] = False
     # A spec may read more of its options from the checkpoint's shapes (pruned ResNets: per-conv
@@ -80,12 +86,26 @@ def drop_unused_aux(arch: str, sd: Mapping[str, np.ndarray], spec: Any) -> Mappi
 
 def convert_state_dict(arch: str, sd: Mapping[str, np.ndarray], framework: str, *, fold_bn: bool = False,
                        overrides: Optional[Mapping[str, Any]] = None,
-                       source: Optional[Mapping[str, str]] = None, dtype: Any = None) -> Converted:
-    overrides = infer_overrides(arch, sd, overrides or {})
+                       source: Optional[Mapping[str, str]] = None, dtype: Any = None, seed: int = 0) -> Converted:
+    """`overrides` are the architecture's options; surgery options among them (num_classes,
+    in_chans, features_only, out_indices, global_pool) that differ from what the checkpoint holds
+    make another head or input from it: a new classifier initialised from `seed` as PyTorch's
+    nn.Linear, the pooled or unpooled features, a feature extractor, an adapted input conv."""
+    arch_options, surgery = split_surgery(overrides or {})
+    overrides = infer_overrides(arch, sd, arch_options)
     spec = registry.get_spec(arch, **overrides)
-    plan = spec.plan(fold_bn)
+    src_plan = spec.plan(fold_bn)
     sd = drop_unused_aux(arch, sd, spec)
-    sd = consume_fixed_buffers(sd, plan)
+    sd = consume_fixed_buffers(sd, src_plan)
+    plan = src_plan
+    if surgery:
+        overrides = target_overrides(arch, overrides, src_plan, surgery)
+        plan = registry.get_spec(arch, **overrides).plan(fold_bn)
+        if plan != src_plan:
+            import jax
+
+            # Surgery is on the unfolded checkpoint; folding then sees the kept layers only.
+            sd = adapt(sd, spec.plan(False), registry.get_spec(arch, **overrides).plan(False), jax.random.key(seed))
     if fold_bn:
         eps = {n.name: n.eps for n in plan.norms}
         sd = fold_batchnorm(sd, plan.fold_pairs(), eps)
@@ -99,19 +119,22 @@ def convert_state_dict(arch: str, sd: Mapping[str, np.ndarray], framework: str, 
 
 
 def convert(arch: str, source: Source, framework: str, *, fold_bn: bool = False,
-            overrides: Optional[Mapping[str, Any]] = None, dtype: Any = None) -> Converted:
-    """Convert a checkpoint file, a state dict or an `nn.Module` for `arch` into `framework`."""
+            overrides: Optional[Mapping[str, Any]] = None, dtype: Any = None, seed: int = 0) -> Converted:
+    """Convert a checkpoint file, a state dict or an `nn.Module` for `arch` into `framework`
+    (surgery options in `overrides`: see `convert_state_dict`)."""
     registry.get(arch)  # fail on an unknown name before reading a large file
+    if overrides:
+        registry.get_spec(arch, **overrides)  # and on bad options
     sd = load_state_dict(source)
     return convert_state_dict(arch, sd, framework, fold_bn=fold_bn, overrides=overrides,
-                              source=describe_source(source), dtype=dtype)
+                              source=describe_source(source), dtype=dtype, seed=seed)
 
 
 def convert_to_file(arch: str, source: Source, framework: str, out: str | os.PathLike, *,
                     fold_bn: bool = False, force: bool = False,
-                    overrides: Optional[Mapping[str, Any]] = None) -> Path:
+                    overrides: Optional[Mapping[str, Any]] = None, seed: int = 0) -> Path:
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to overwrite")
-    converted = convert(arch, source, framework, fold_bn=fold_bn, overrides=overrides)
+    converted = convert(arch, source, framework, fold_bn=fold_bn, overrides=overrides, seed=seed)
     return save_file(out, converted.arrays, converted.loaded.metadata, force=force)

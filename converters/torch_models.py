@@ -28,13 +28,69 @@ def torch_model(arch: str, library: str | None = None, **overrides: Any):
 
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **overrides)
     else:
-        import torchvision
-
-        if name == "googlenet":
-            # Its default init, asked for explicitly: left unset, the constructor warns.
-            overrides.setdefault("init_weights", True)
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **overrides)
+        model = _torchvision_model(name, num_classes, overrides)
     return model.eval()
+
+
+def _torchvision_model(name: str, num_classes: int, overrides: dict[str, Any]):
+    """torchvision's model with zoo's surgery options, which torchvision lacks, done by hand the
+    way timm does them: another input conv, no classifier (num_classes=0), no pooling, or a
+    feature extractor (`create_feature_extractor` at zoo's feature taps) returning a list."""
+    import torch
+    import torchvision
+
+    in_chans = overrides.pop("in_chans", 3)
+    global_pool = overrides.pop("global_pool", "avg")
+    features_only = overrides.pop("features_only", False)
+    out_indices = overrides.pop("out_indices", (0, 1, 2, 3, 4))
+    if name == "googlenet":
+        # Its default init, asked for explicitly: left unset, the constructor warns.
+        overrides.setdefault("init_weights", True)
+        if num_classes == 0 or features_only:
+            overrides["aux_logits"] = False
+    model = torchvision.models.get_model(name, weights=None, num_classes=max(num_classes, 1), **overrides)
+    if in_chans != 3:
+        first = model.conv1.conv if name == "googlenet" else model.conv1
+        new = torch.nn.Conv2d(in_chans, first.out_channels, first.kernel_size, first.stride, first.padding,
+                              bias=False)
+        if name == "googlenet":
+            model.conv1.conv = new
+        else:
+            model.conv1 = new
+    if num_classes == 0 and not features_only:
+        model.fc = torch.nn.Identity()
+        if global_pool == "":
+            return _FeatureList(model, ["inception5b" if name == "googlenet" else "layer4"], single=True)
+    if features_only:
+        from zoo.googlenet import FEATURE_TAPS
+
+        taps = FEATURE_TAPS if name == "googlenet" else ("relu", "layer1", "layer2", "layer3", "layer4")
+        return _FeatureList(model, [taps[i] for i in out_indices])
+    return model
+
+
+def _FeatureList(model, nodes: list[str], single: bool = False):
+    import torch
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    class FeatureList(torch.nn.Module):
+        """The graph up to `nodes`, returning their outputs as a list (timm's FeatureListNet)."""
+
+        def __init__(self):
+            super().__init__()
+            self.body = create_feature_extractor(model.eval(), return_nodes={n: n for n in nodes})
+
+        def forward(self, x):
+            out = [self.body(x)[n] for n in nodes]
+            return out[0] if single else out
+
+        def state_dict(self, *args, **kwargs):
+            return {k[len("body."):]: v for k, v in super().state_dict(*args, **kwargs).items()}
+
+        def load_state_dict(self, sd, strict=True, assign=False):
+            return self.body.load_state_dict(sd, strict=strict, assign=assign)
+
+    return FeatureList()
 
 
 def randomize_norms(model, seed: int = 0, calibration_size: int = 96, calibration_batch: int = 8):

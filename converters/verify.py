@@ -97,15 +97,7 @@ def torch_precision(precision: str):
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def run_torch(model, x: np.ndarray, device: str, precision: str) -> np.ndarray:
-    import torch
-
-    model = model.to(device).eval()
-    with torch.no_grad(), torch_precision(precision):
-        return model(torch.from_numpy(x).to(device)).float().cpu().numpy()
-
-
-def run_jax(loaded, x: np.ndarray, device, precision: str) -> np.ndarray:
+def run_jax(loaded, x: np.ndarray, device, precision: str) -> Any:
     import jax
 
     from zoo.model import make_predict
@@ -113,7 +105,8 @@ def run_jax(loaded, x: np.ndarray, device, precision: str) -> np.ndarray:
     with jax.default_device(device), jax.default_matmul_precision(precision):
         objects = jax.device_put(loaded.objects, device)
         predict = make_predict(dataclasses.replace(loaded, objects=objects))
-        return np.asarray(predict(jax.device_put(x, device)))
+        out = predict(jax.device_put(x, device))
+        return [np.asarray(o) for o in out] if isinstance(out, list) else np.asarray(out)
 
 
 def inputs(batch: int, size: tuple[int, int], channels: int = 3, seed: int = 0) -> np.ndarray:
@@ -131,6 +124,7 @@ def verify(arch: str, checkpoint: Any, framework: str, *, fold_bn: bool = False,
     and loaded with `checkpoint`, unless `reference` (an `nn.Module` whose weights `checkpoint`
     holds, e.g. the model itself) is given.
     """
+    from zoo._surgery import split_surgery
     from zoo.checked import ConversionError
     from zoo.io import load_file
 
@@ -142,8 +136,11 @@ def verify(arch: str, checkpoint: Any, framework: str, *, fold_bn: bool = False,
 
     if precision not in TOLERANCES:
         raise ValueError(f"precision must be one of {', '.join(TOLERANCES)}")
+    if batch < 1 or min(size) < 1:
+        raise ValueError(f"--batch and --size must be positive, got batch {batch}, size {tuple(size)}")
     sd = load_state_dict(checkpoint)
-    overrides = infer_overrides(arch, sd, overrides or {})
+    arch_options, surgery = split_surgery(overrides or {})
+    overrides = infer_overrides(arch, sd, arch_options)
     # Heads the user asked to drop (GoogLeNet's --no-aux) are absent from both sides.
     sd = drop_unused_aux(arch, sd, registry.get_spec(arch, **overrides))
     # The checked conversion first: its error lists every mismatch, PyTorch's stops at the first.
@@ -153,15 +150,18 @@ def verify(arch: str, checkpoint: Any, framework: str, *, fold_bn: bool = False,
             raise ValueError(f"{converted_file} holds {loaded.arch}, not {arch}")
         fold_bn = loaded.fold_bn
     else:
-        loaded = convert_state_dict(arch, sd, framework, fold_bn=fold_bn, overrides=overrides,
-                                    source=describe_source(checkpoint)).loaded
+        loaded = convert_state_dict(arch, sd, framework, fold_bn=fold_bn, overrides={**overrides, **surgery},
+                                    source=describe_source(checkpoint), seed=seed).loaded
     if reference is not None:
         model = reference
     else:
         import torch
 
-        model = torch_model(arch, library, **overrides)
-        result = model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
+        # The PyTorch model with the same head and input as the JAX one (new classifier, features,
+        # adapted input conv, as timm makes them), loaded with the checkpoint.
+        model = torch_model(arch, library, **loaded.overrides)
+        ref_sd = reference_state_dict(sd, registry.get_spec(arch, **overrides).plan(), loaded)
+        result = model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in ref_sd.items()}, strict=False)
         # Only the BatchNorm step counters, which zoo drops on reading, may be absent.
         missing = [k for k in result.missing_keys if not k.endswith(IGNORED_SUFFIXES)]
         if missing or result.unexpected_keys:
@@ -169,9 +169,54 @@ def verify(arch: str, checkpoint: Any, framework: str, *, fold_bn: bool = False,
                                   context=f"checkpoint does not fit PyTorch's {arch}")
     x = inputs(batch, size, loaded.plan.spec.in_chans, seed)
     jdev, tdev = jax_device(device), torch_device(device)
-    ref = run_torch(model, x, tdev, precision)
-    out = run_jax(loaded, x, jdev, precision)
+    ref = _flat(run_torch(model, x, tdev, precision))
+    out = _flat(run_jax(loaded, x, jdev, precision))
     tol = TOLERANCES[precision]
     return Report(arch, loaded.framework, fold_bn, batch, tuple(size), precision,
                   f"{jdev.platform}:{getattr(jdev, 'device_kind', jdev)}", tdev, **compare(ref, out),
                   tolerance_rel=tol["rel"], tolerance_top1=tol["top1"])
+
+
+def _flat(out: Any) -> np.ndarray:
+    """Logits as they are; feature maps (one or a list) as one (N, features) matrix."""
+    maps = out if isinstance(out, (list, tuple)) else [out]
+    return np.concatenate([np.asarray(m, np.float32).reshape(len(m), -1) for m in maps], axis=1)
+
+
+def reference_state_dict(sd: Mapping[str, np.ndarray], src_plan: Any, loaded: Any) -> dict[str, np.ndarray]:
+    """The checkpoint made to fit the PyTorch counterpart of `loaded` when surgery made it: the
+    layers it lacks dropped, the input conv adapted by timm's own `adapt_input_conv`, and a new
+    classifier (random, so nothing to compare it with) copied from the JAX model."""
+    from zoo import registry
+    from zoo.frameworks import adapter
+
+    dst = registry.get_spec(loaded.arch, **loaded.overrides).plan()
+    if dst == src_plan:
+        return dict(sd)
+    kept = set(dst.modules())
+    out = {k: v for k, v in sd.items() if k.split(".")[0] in kept}
+    if dst.spec.in_chans != src_plan.spec.in_chans:
+        import torch
+        from timm.models import adapt_input_conv
+
+        name = f"{dst.first_conv.name}.weight"
+        out[name] = adapt_input_conv(dst.spec.in_chans, torch.from_numpy(np.array(out[name]))).numpy()
+    src_heads = {c.name: c for c in src_plan.classifiers()}
+    named = adapter(loaded.framework).named(loaded.objects)
+    for c in dst.classifiers():
+        if src_heads.get(c.name) != c:
+            for leaf in ("weight", "bias"):
+                value = np.asarray(named[f"{c.name}.{leaf}"])
+                out[f"{c.name}.{leaf}"] = adapter(loaded.framework).to_torch_layout(value)
+    return out
+
+
+def run_torch(model, x: np.ndarray, device: str, precision: str) -> Any:
+    import torch
+
+    model = model.to(device).eval()
+    with torch.no_grad(), torch_precision(precision):
+        out = model(torch.from_numpy(x).to(device))
+        if isinstance(out, (list, tuple)):
+            return [o.float().cpu().numpy() for o in out]
+        return out.float().cpu().numpy()

@@ -62,10 +62,12 @@ def test_spec_fields_are_torchvision_arguments():
     spec = registry.get_spec(ARCH)
     assert spec == GoogLeNetSpec() and spec.aux_logits and not spec.transform_input
     assert spec.to_dict() == {"num_classes": 1000, "aux_logits": True, "transform_input": False,
-                              "dropout": 0.2, "dropout_aux": 0.7}
-    with pytest.raises(TypeError, match="in_chans"):
-        spec.replace(in_chans=4)
-    # Every field is accepted, under its own name, by torchvision's constructor.
+                              "dropout": 0.2, "dropout_aux": 0.7, "in_chans": 3, "global_pool": "avg",
+                              "features_only": False, "out_indices": (0, 1, 2, 3, 4)}
+    with pytest.raises(TypeError, match="in_channels"):
+        spec.replace(in_channels=4)
+    # Every torchvision field is accepted, under its own name, by torchvision's constructor (the
+    # surgery options, timm's, are done by hand on it: tests/test_surgery.py).
     model = random_model(ARCH, num_classes=7, aux_logits=True, transform_input=True, dropout=0.1,
                          dropout_aux=0.3)
     assert model.transform_input and model.dropout.p == 0.1 and model.aux1.dropout.p == 0.3

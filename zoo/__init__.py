@@ -9,11 +9,12 @@ from .checked import ConversionError  # noqa: E402
 from .registry import list_models  # noqa: E402
 
 
-def load(path, *, framework=None):
-    """Load a converted `.safetensors` file as a framework-agnostic `zoo.Model`."""
+def load(path, *, framework=None, dtype=None):
+    """Load a converted `.safetensors` file as a framework-agnostic `zoo.Model`; `dtype` is the
+    compute dtype (default float32; bfloat16/float16 for mixed precision)."""
     from .model import Model
 
-    return Model.from_file(path, framework=framework)
+    return Model.from_file(path, framework=framework, dtype=dtype)
 
 
 def __getattr__(name):

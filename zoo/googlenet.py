@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Union
 
-from .spec import ConvSpec, LinearSpec, ModelSpec, NormSpec, PoolSpec
+from .spec import ConvSpec, FeatureInfo, LinearSpec, ModelSpec, NormSpec, PoolSpec
 
 
 class InceptionWidths(NamedTuple):
@@ -44,6 +44,12 @@ INCEPTION_BLOCKS: dict[str, InceptionWidths] = {
 
 # The stride-2 max-pools between stages: (name, kernel), before the named block.
 POOL_BEFORE: dict[str, tuple[str, int]] = {"inception4a": ("maxpool3", 3), "inception5a": ("maxpool4", 2)}
+
+# Feature levels (features_only): torchvision has no feature_info for GoogLeNet, so zoo follows
+# timm's convention for CNNs, one level per reduction, each the last layer before the next
+# downsampling: conv1 (reduction 2), conv3 (4, the stem before maxpool2), and the last inception
+# block of each stage, inception3b (8), inception4e (16) and inception5b (32).
+FEATURE_TAPS = ("conv1", "conv3", "inception3b", "inception4e", "inception5b")
 
 # Auxiliary classifier -> the block whose output it reads.
 AUX_TAPS: dict[str, str] = {"aux1": "inception4a", "aux2": "inception4d"}
@@ -79,16 +85,26 @@ class GoogLeNetSpec(ModelSpec):
     transform_input: bool = False
     dropout: float = 0.2
     dropout_aux: float = 0.7
+    # Not torchvision's arguments (its GoogLeNet is RGB only and always classifies); timm's
+    # meanings, see zoo.spec.HEAD_OPTIONS. The aux heads exist only in a classifying model.
+    in_chans: int = 3
+    global_pool: str = "avg"
+    features_only: bool = False
+    out_indices: tuple[int, ...] = (0, 1, 2, 3, 4)
 
     _label = "GoogLeNet"
 
     def plan(self, fold_bn: bool = False) -> "GoogLeNetPlan":
         return googlenet_plan(self, fold_bn)
 
+    def check_head(self) -> None:
+        super().check_head()
+        if self.transform_input and self.in_chans != 3:
+            raise ValueError("transform_input re-normalises RGB inputs: it needs in_chans=3")
+
     @property
-    def in_chans(self) -> int:
-        # Fixed: torchvision's stem and `_transform_input` are written for RGB.
-        return 3
+    def classifying(self) -> bool:
+        return self.num_classes > 0 and not self.features_only
 
     @property
     def num_features(self) -> int:
@@ -142,13 +158,25 @@ class GoogLeNetPlan:
     spec: GoogLeNetSpec
     fold_bn: bool
     trunk: tuple[TrunkLayer, ...]  # in execution order, up to inception5b
-    aux: tuple[AuxPlan, ...]  # empty without aux_logits
-    fc: LinearSpec
-    norms: tuple[NormSpec, ...]  # every norm of the unfolded model
+    aux: tuple[AuxPlan, ...]  # empty without aux_logits, and in a model that does not classify
+    fc: Optional[LinearSpec]  # None: num_classes=0 or features_only
+    norms: tuple[NormSpec, ...]  # every norm of the unfolded model, as built
+    feature_info: tuple[FeatureInfo, ...] = ()  # every level of the full network
+    out_indices: Optional[tuple[int, ...]] = None  # the levels returned (features_only)
+    global_pool: bool = True
 
     def classifiers(self) -> tuple[LinearSpec, ...]:
         """The layers whose outputs are the classes: the classifier and the aux heads' `fc2`."""
-        return (self.fc, *(a.fc2 for a in self.aux))
+        return (*(() if self.fc is None else (self.fc,)), *(a.fc2 for a in self.aux))
+
+    @property
+    def first_conv(self) -> ConvSpec:
+        return self.trunk[0].conv
+
+    def modules(self) -> tuple[str, ...]:
+        """The top-level PyTorch modules that hold tensors in this (possibly truncated) network."""
+        return (*(t.name for t in self.trunk if not isinstance(t, PoolPlan)), *(a.name for a in self.aux),
+                *(() if self.fc is None else ("fc",)))
 
     def fold_pairs(self) -> list[tuple[str, str]]:
         """(conv name, norm name) for every norm that folding merges into its conv."""
@@ -199,13 +227,25 @@ def googlenet_plan(spec: GoogLeNetSpec, fold_bn: bool = False) -> GoogLeNetPlan:
         trunk.append(inception(name, ch, widths))
         ch = block_out[name] = widths.out_ch
 
+    spec.check_head()
+    channels = {"conv1": c1, "conv3": c3, **block_out}
+    reductions = (2, 4, 8, 16, 32)
+    info = tuple(FeatureInfo(t, channels[t], r) for t, r in zip(FEATURE_TAPS, reductions))
+    out_indices = None
+    if spec.features_only:
+        last = [t.name for t in trunk].index(FEATURE_TAPS[max(spec.out_indices)])
+        trunk, out_indices = trunk[: last + 1], tuple(spec.out_indices)
+        kept = {t.name for t in trunk}
+        all_norms[:] = [n for n in all_norms if n.name.split(".")[0] in kept]
+
     aux = []
-    if spec.aux_logits:
+    if spec.aux_logits and spec.classifying:
         # Built after the trunk so `norms` lists layers in torchvision's module order.
         for name, tap in AUX_TAPS.items():
             feats = AUX_CONV_CHANNELS * AUX_POOL[0] * AUX_POOL[1]
             conv = basic(f"{name}.conv", block_out[tap], AUX_CONV_CHANNELS, 1)
             aux.append(AuxPlan(name, tap, AUX_POOL, conv, LinearSpec(f"{name}.fc1", feats, AUX_HIDDEN),
                                LinearSpec(f"{name}.fc2", AUX_HIDDEN, spec.num_classes), spec.dropout_aux))
-    fc = LinearSpec("fc", ch, spec.num_classes)
-    return GoogLeNetPlan(spec, fold_bn, tuple(trunk), tuple(aux), fc, tuple(all_norms))
+    fc = LinearSpec("fc", ch, spec.num_classes) if spec.classifying else None
+    return GoogLeNetPlan(spec, fold_bn, tuple(trunk), tuple(aux), fc, tuple(all_norms), info, out_indices,
+                         spec.global_pool == "avg")

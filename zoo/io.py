@@ -18,8 +18,8 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from . import __version__, registry
-from .checked import checked_merge
-from .frameworks import adapter
+from .checked import ConversionError, checked_merge
+from .frameworks import FRAMEWORKS, adapter
 
 FORMAT = "zoo"
 FORMAT_VERSION = "1"
@@ -47,25 +47,45 @@ def build_metadata(*, framework: str, arch: str, overrides: Mapping[str, Any], f
     }
 
 
+def atomic_write(path: str | os.PathLike, write: Any, *, force: bool = False) -> Path:
+    """`write(tmp_path)` into a temp file beside `path`, then move it into place: a failure leaves
+    no partial file, and without `force` an existing target (even one that appeared meanwhile) is
+    never replaced, since the final step is a hard link, which fails if the target exists."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        if force:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_file(path: str | os.PathLike, arrays: Mapping[str, Any], metadata: Mapping[str, str], *,
               force: bool = False) -> Path:
     """Write atomically: a failure leaves no partial file, and an existing file needs `force`."""
     from safetensors.numpy import save_file as st_save
 
-    path = Path(path)
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite")
     tensors = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        st_save(tensors, tmp, metadata=dict(metadata))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: st_save(tensors, tmp, metadata=dict(metadata)), force=force)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -112,55 +132,160 @@ class Loaded:
 
 
 def load_file(path: str | os.PathLike, framework: Optional[str] = None, *, dtype: Any = None,
-              num_classes: Optional[int] = None, key: Any = None) -> Loaded:
+              key: Any = None, **surgery: Any) -> Loaded:
     """Read a zoo file into `framework` (default: the file's own). Every key is checked against
     the architecture in the metadata; a file written for the other framework is re-laid out.
 
-    `num_classes` different from the file's: every backbone tensor is loaded and the classifiers
-    (GoogLeNet's aux heads too) are new, initialised as PyTorch's nn.Linear from `key` (timm's
-    `reset_classifier`). The metadata then records the new number of classes."""
+    `surgery` (`zoo._surgery.SURGERY_OPTIONS`: num_classes, in_chans, global_pool, features_only,
+    out_indices) loads the backbone into another head or input: a classifier of another size is
+    new, initialised as PyTorch's nn.Linear from `key` (timm's `reset_classifier`; GoogLeNet's aux
+    heads follow), `num_classes=0` drops it, `features_only` keeps the layers up to the last
+    feature level, `in_chans` adapts the input conv as timm does. The metadata then records the
+    new options."""
     from safetensors.numpy import load_file as st_load
+
+    from ._surgery import adapt, target_overrides
 
     meta = read_metadata(path)
     stored = adapter(meta["framework"])
     target = adapter(framework or meta["framework"])
+    name = Path(path).name
     try:
         overrides = json.loads(meta["overrides"])
         spec = registry.get_spec(meta["arch"], **overrides)
     except (KeyError, TypeError) as e:
-        raise FormatError(f"{Path(path).name}: {e}") from e
-    plan = spec.plan(meta["bn_folded"] == "true")
-    arrays = st_load(str(path))
-
-    def relayout(a: np.ndarray) -> np.ndarray:
-        return target.from_torch_layout(stored.to_torch_layout(a))
-
-    merged = checked_merge(arrays, target.target_shapes(target.template(plan, dtype)), relayout,
-                           context=f"{Path(path).name} does not fit {meta['arch']}")
-    if num_classes is not None and num_classes != spec.num_classes:
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be positive, got {num_classes}")
-        overrides = dict(overrides, num_classes=num_classes)
-        meta = build_metadata(framework=target.name, arch=meta["arch"], overrides=overrides,
-                              fold_bn=meta["bn_folded"] == "true", source=json.loads(meta["source"]))
-        plan = registry.get_spec(meta["arch"], **overrides).plan(plan.fold_bn)
-        merged.update({k: target.from_torch_layout(v) for k, v in new_classifiers(plan, key).items()})
+        raise FormatError(f"{name}: {e}") from e
+    fold_bn = meta["bn_folded"] == "true"
+    plan = spec.plan(fold_bn)
+    arrays = {k: stored.to_torch_layout(v) for k, v in st_load(str(path)).items()}
+    surgery = {k: v for k, v in surgery.items() if v is not None}
+    if surgery:
+        new = target_overrides(meta["arch"], overrides, plan, surgery)
+        new_plan = registry.get_spec(meta["arch"], **new).plan(fold_bn)
+        if new_plan != plan:
+            arrays = adapt(arrays, plan, new_plan, key)
+            meta = build_metadata(framework=target.name, arch=meta["arch"], overrides=new, fold_bn=fold_bn,
+                                  source=json.loads(meta["source"]))
+            plan = new_plan
     template = target.template(plan, dtype)
+    shapes = target.target_shapes(template)
+    try:
+        merged = checked_merge(arrays, shapes, target.from_torch_layout,
+                               context=f"{name} does not fit {meta['arch']}")
+    except ConversionError as e:
+        _explain_layout(e, arrays, shapes, meta, name, target)
+        raise
     return Loaded(target.fill(template, merged), plan, meta, target.name)
 
 
-def new_classifiers(plan: Any, key: Any) -> dict[str, np.ndarray]:
-    """Freshly initialised classifier layers of `plan`, PyTorch-named and laid out: nn.Linear's
-    default, U(-1/sqrt(in), 1/sqrt(in)) for weight and bias."""
-    import jax
+def _explain_layout(e: ConversionError, arrays: Mapping[str, np.ndarray], shapes: Mapping[str, tuple],
+                    meta: Mapping[str, str], name: str, target: Any) -> None:
+    """A file whose tensors are laid out for the other framework than its metadata says fails the
+    merge with every conv mis-shaped; say that in one line instead."""
+    if e.missing or e.unexpected or not e.misshaped:
+        return
+    stored = meta["framework"]
+    for other in FRAMEWORKS:
+        if other == stored:
+            continue
+        relaid = {k: target.from_torch_layout(adapter(other).to_torch_layout(adapter(stored).from_torch_layout(v)))
+                  for k, v in arrays.items()}
+        if all(tuple(relaid[k].shape) == tuple(shapes[k]) for k in shapes):
+            raise FormatError(f"{name}: its tensors are laid out for {other} ({adapter(other).layout}), but its "
+                              f"metadata says framework {stored!r}; the file was written wrongly") from e
 
-    if key is None:
-        raise ValueError("a new classifier needs a `key` to initialise it")
-    out = {}
-    for spec, k in zip(plan.classifiers(), jax.random.split(key, len(plan.classifiers()))):
-        bound = 1.0 / np.sqrt(spec.in_features)
-        kw, kb = jax.random.split(k)
-        out[f"{spec.name}.weight"] = np.asarray(
-            jax.random.uniform(kw, (spec.out_features, spec.in_features), minval=-bound, maxval=bound))
-        out[f"{spec.name}.bias"] = np.asarray(jax.random.uniform(kb, (spec.out_features,), minval=-bound, maxval=bound))
+
+# --- the way back and across: PyTorch state dicts, the other framework, zoo files ---------------
+
+# The stem conv has no bias in any unfolded network of the registry: one there means BatchNorm was
+# folded into the convs, and the unfolded PyTorch module tree has no place for the result.
+_FOLDED_MARKERS = ("conv1.bias", "conv1.0.bias", "conv1.conv.bias")
+
+
+def to_torch(framework: str, named: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """PyTorch-named leaves of `framework` (from its `named_arrays`) as a PyTorch-layout state
+    dict of numpy arrays. Leaves that are None are left out; every BatchNorm with running
+    statistics gets its `num_batches_tracked` (0: zoo does not count steps, and PyTorch reads it
+    only when momentum is None)."""
+    if any(k in named for k in _FOLDED_MARKERS):
+        raise ValueError("this model has BatchNorm folded into its convs, which no PyTorch model of this "
+                         "architecture can load: export the model converted or loaded without fold_bn")
+    to_layout = adapter(framework).to_torch_layout
+    out: dict[str, np.ndarray] = {}
+    for k, v in named.items():
+        if v is None:
+            continue
+        a = np.asarray(v)
+        out[k] = np.array(to_layout(a)) if a.ndim >= 2 else np.array(a)  # writable, for torch.from_numpy
+        if k.endswith(".running_var"):
+            out[k[: -len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
     return out
+
+
+def _arrays_for(framework: str, objects: Any, plan: Any, what: str) -> dict[str, np.ndarray]:
+    """The PyTorch-layout arrays of `objects`, checked against `plan`'s network."""
+    ad = adapter(framework)
+    named = {k: v for k, v in ad.named(objects).items() if v is not None}
+    bad = [k for k, v in named.items() if not hasattr(v, "shape") or not _is_float(v)]
+    if bad:
+        raise TypeError(f"{what}: expected floating-point arrays, found other leaves at {', '.join(sorted(bad)[:5])}")
+    torch_named = {k: ad.to_torch_layout(np.asarray(v, np.float32)) for k, v in named.items()}
+    # Zero-stride stand-ins: the layout change of a shape, without allocating the tensor.
+    shapes = {k: tuple(ad.to_torch_layout(np.broadcast_to(np.float32(0), s)).shape)
+              for k, s in ad.target_shapes(ad.template(plan)).items()}
+    return checked_merge(torch_named, shapes, context=what)
+
+
+def _is_float(v: Any) -> bool:
+    import jax.numpy as jnp
+
+    return bool(jnp.issubdtype(v.dtype, jnp.floating))
+
+
+def convert_objects(objects: Any, source: str, target: str, arch: str, overrides: Mapping[str, Any],
+                    fold_bn: bool = False, dtype: Any = None) -> Any:
+    """One framework's objects as the other's, in memory, checked as a file load is."""
+    plan = registry.get_spec(arch, **overrides).plan(fold_bn)
+    arrays = _arrays_for(source, objects, plan, f"{source} objects do not fit {arch}")
+    ad = adapter(target)
+    template = ad.template(plan, dtype)
+    return ad.fill(template, {k: ad.from_torch_layout(v) for k, v in arrays.items()})
+
+
+def save_objects(path: str | os.PathLike, framework: str, objects: Any, arch: str,
+                 overrides: Mapping[str, Any], fold_bn: bool = False, force: bool = False) -> Path:
+    """A zoo file of fine-tuned (or any) objects: the same checks and metadata as `zoo convert`."""
+    plan = registry.get_spec(arch, **overrides).plan(fold_bn)
+    arrays = _arrays_for(framework, objects, plan, f"{framework} objects do not fit {arch}")
+    ad = adapter(framework)
+    meta = build_metadata(framework=framework, arch=arch, overrides=overrides, fold_bn=fold_bn,
+                          source={"kind": "saved", "name": f"zoo.{framework}.save"})
+    return save_file(path, {k: ad.from_torch_layout(v) for k, v in arrays.items()}, meta, force=force)
+
+
+def export_file(path: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write a zoo file as a PyTorch state dict (`.pth`/`.pt` with torch.save, or `.safetensors`)
+    that the timm / torchvision model of its architecture loads with `strict=True`."""
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix not in (".pth", ".pt", ".safetensors"):
+        raise ValueError(f"export writes .pth, .pt or .safetensors, not {out.name!r}")
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite")
+    meta = read_metadata(path)
+    if meta["bn_folded"] == "true":
+        raise ValueError(f"{Path(path).name} has BatchNorm folded into its convs, which no PyTorch model of "
+                         f"{meta['arch']} can load; export a file converted without --fold-bn")
+    loaded = load_file(path)
+    sd = to_torch(loaded.framework, adapter(loaded.framework).named(loaded.objects))
+    if suffix == ".safetensors":
+        from safetensors.numpy import save_file as st_save
+
+        return atomic_write(out, lambda tmp: st_save(sd, tmp, metadata={"format": "pt"}), force=force)
+
+    def write_torch(tmp: str) -> None:
+        import torch
+
+        torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, tmp)
+
+    return atomic_write(out, write_torch, force=force)

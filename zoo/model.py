@@ -13,8 +13,9 @@ from .io import Loaded, load_file
 
 
 class Model:
-    """A loaded model. `predict` takes an (N, 3, H, W) float32 batch exactly as the PyTorch model
-    would and returns (N, num_classes) logits, jitted, in inference mode."""
+    """A loaded model. `predict` takes an (N, C, H, W) float32 batch exactly as the PyTorch model
+    would and returns what it returns, jitted, in inference mode: (N, num_classes) logits, pooled
+    features, or (features_only) the list of NCHW feature maps."""
 
     def __init__(self, loaded: Loaded, predict_fn: Callable[[Array], Array]):
         self.loaded = loaded
@@ -45,7 +46,8 @@ class Model:
         return f"zoo.Model({self.arch!r}, framework={self.framework!r}{folded})"
 
     @classmethod
-    def from_file(cls, path: str, *, framework: Optional[str] = None, dtype: Any = jnp.float32) -> "Model":
+    def from_file(cls, path: str, *, framework: Optional[str] = None, dtype: Any = None) -> "Model":
+        dtype = jnp.float32 if dtype is None else dtype
         loaded = load_file(path, framework, dtype=dtype)
         return cls(loaded, make_predict(loaded, dtype))
 
@@ -61,8 +63,9 @@ def make_predict(loaded: Loaded, dtype: Any = jnp.float32) -> Callable[[Array], 
 
         @jax.jit
         def apply(params: Any, state: Any, x: Array) -> Array:
-            logits, _ = net.apply(params, state, None, jnp.transpose(x, (0, 2, 3, 1)), is_training=False)
-            return logits
+            out, _ = net.apply(params, state, None, jnp.transpose(x, (0, 2, 3, 1)), is_training=False)
+            # Feature maps come back as PyTorch lays them out (NCHW), as from the Equinox model.
+            return jax.tree_util.tree_map(lambda a: jnp.transpose(a, (0, 3, 1, 2)) if a.ndim == 4 else a, out)
 
         return functools.partial(apply, params, state)
 

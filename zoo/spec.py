@@ -111,6 +111,23 @@ class AttnSpec:
 
 
 @dataclass(frozen=True)
+class FeatureInfo:
+    """One feature level, as an entry of timm's `feature_info`: the module whose output it is,
+    its channels and its reduction (input size / feature size)."""
+
+    module: str
+    num_chs: int
+    reduction: int
+
+
+# Head options every spec carries, with timm's `create_model` names and meanings: `num_classes=0`
+# gives the pooled pre-logits features, `global_pool=""` (with `num_classes=0`) the unpooled final
+# map (timm's `forward_features`), `features_only=True` the maps at `out_indices`.
+HEAD_OPTIONS = ("num_classes", "global_pool", "features_only", "out_indices")
+FEATURE_LEVELS = 5  # the stem, then one per stage (timm's reductions 2, 4, 8, 16, 32)
+
+
+@dataclass(frozen=True)
 class DropBlockSpec:
     """timm's DropBlock2d as make_blocks configures it (training only)."""
 
@@ -137,7 +154,29 @@ class ModelSpec:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise TypeError(f"unknown {self._label} spec option(s): {', '.join(sorted(unknown))}")
-        return dataclasses.replace(self, **self._normalise(overrides))
+        if "out_indices" in overrides and overrides["out_indices"] is not None:
+            overrides["out_indices"] = tuple(overrides["out_indices"])
+        out = dataclasses.replace(self, **self._normalise(overrides))
+        out.check_head()
+        return out
+
+    def check_head(self) -> None:
+        """Refuse head options timm would refuse, with one line each."""
+        n = self.num_classes
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"num_classes must be an integer >= 0 (0: pooled features), got {n!r}")
+        if self.global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {self.global_pool!r}")
+        if self.global_pool == "" and n != 0:
+            raise ValueError("global_pool='' (the unpooled feature map) needs num_classes=0, as in timm")
+        idx = self.out_indices
+        if (not idx or any(isinstance(i, bool) or not isinstance(i, int) for i in idx)
+                or any(not 0 <= i < FEATURE_LEVELS for i in idx) or list(idx) != sorted(set(idx))):
+            raise ValueError(f"out_indices must be increasing feature levels in 0..{FEATURE_LEVELS - 1} "
+                             f"(0 the stem, 1-4 the stages), got {tuple(idx) if idx else idx!r}")
+        in_chans = self.in_chans
+        if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
+            raise ValueError(f"in_chans must be a positive integer, got {in_chans!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -192,6 +231,10 @@ class ResNetSpec(ModelSpec):
     # read from a checkpoint (`overrides_from_state_dict`).
     pruned: str = ""
     widths: tuple[tuple[str, int], ...] = ()
+    # Head options (HEAD_OPTIONS): timm's ResNet `global_pool` and `create_model`'s features_only.
+    global_pool: str = "avg"
+    features_only: bool = False
+    out_indices: tuple[int, ...] = (0, 1, 2, 3, 4)
 
     _label = "ResNet"
 
@@ -351,9 +394,14 @@ class ResNetPlan:
     # replace_stem_pool.
     maxpool: tuple[Any, ...]
     maxpool_seq: bool
-    stages: tuple[tuple[BlockPlan, ...], ...]
-    fc: LinearSpec
-    norms: tuple[NormSpec, ...] = field(default=())  # every norm of the unfolded model
+    stages: tuple[tuple[BlockPlan, ...], ...]  # up to the last feature level asked for
+    fc: Optional[LinearSpec]  # None: num_classes=0 or features_only
+    norms: tuple[NormSpec, ...] = field(default=())  # every norm of the unfolded model, as built
+    # Every feature level of the full network (timm's feature_info); the levels returned by a
+    # features_only model (None: the model ends in its head); whether the head pools.
+    feature_info: tuple[FeatureInfo, ...] = ()
+    out_indices: Optional[tuple[int, ...]] = None
+    global_pool: bool = True
 
     @property
     def stem_pool(self) -> PoolSpec:
@@ -361,13 +409,24 @@ class ResNetPlan:
             raise AttributeError("this stem's `maxpool` is a Sequential; see `maxpool`")
         return self.maxpool[0]
 
+    @property
+    def first_conv(self) -> ConvSpec:
+        """The conv that sees the input (adapted when `in_chans` changes; timm's `first_conv`)."""
+        return self.stem_convs[0]
+
+    def modules(self) -> tuple[str, ...]:
+        """The top-level PyTorch modules that hold tensors in this (possibly truncated) network."""
+        out = ["conv1", "bn1"] + (["maxpool"] if self.maxpool else [])
+        out += [f"layer{i + 1}" for i in range(len(self.stages))]
+        return tuple(out + (["fc"] if self.fc is not None else []))
+
     def fold_pairs(self) -> list[tuple[str, str]]:
         """(conv name, norm name) for every norm that folding merges into its conv."""
         return [(n.follows, n.name) for n in self.norms if n.follows is not None]
 
     def classifiers(self) -> tuple[LinearSpec, ...]:
         """The layers whose outputs are the classes (replaced when `num_classes` changes)."""
-        return (self.fc,)
+        return () if self.fc is None else (self.fc,)
 
     def all_convs(self) -> list[ConvSpec]:
         """Every 2-D conv with weights, in module order."""
@@ -387,7 +446,8 @@ class ResNetPlan:
         import numpy as np
 
         out = {}
-        blurs = [("maxpool.1", self.maxpool[1])] if self.maxpool_seq and isinstance(self.maxpool[1], BlurSpec) else []
+        blurs = [("maxpool.1", self.maxpool[1])] if (self.maxpool_seq and self.maxpool
+                                                      and isinstance(self.maxpool[1], BlurSpec)) else []
         blurs += [(f"{b.name}.aa", b.aa) for stage in self.stages for b in stage if isinstance(b.aa, BlurSpec)]
         for name, blur in blurs:
             filt = np.asarray(blur.filter(), np.float32)[None, None]
@@ -428,6 +488,7 @@ class _ResNetPlanner:
                 raise ValueError(f"{k} blocks support no aa{'' if k.startswith('sk') else ' nor attn'}")
             if k in ("res2net", "resnest") and spec.block_reduce_first != 1:
                 raise ValueError(f"{k} blocks do not support block_reduce_first")
+        spec.check_head()
         # Folding merges BatchNorm's running statistics into the conv before it; GroupNorm has no
         # running statistics, so a GroupNorm model folds to itself.
         self.spec, self.fold_bn = spec, fold_bn and spec.norm_layer == "batchnorm"
@@ -509,7 +570,9 @@ class _ResNetPlanner:
         else:
             maxpool, seq = (PoolSpec("max", 3, 2, 1),), False
 
+        stem_info = FeatureInfo("act1", width, 2)
         stages = []
+        reductions = []
         net_blocks = sum(s.layers)
         block_idx = 0
         net_stride, dilation, prev_dilation = 4, 1, 1
@@ -552,9 +615,20 @@ class _ResNetPlanner:
                 nominal_in = outplanes
                 block_idx += 1
             stages.append(tuple(blocks))
-        fc = LinearSpec("fc", width, s.num_classes)
+            reductions.append(net_stride)
+        info = (stem_info, *(FeatureInfo(f"layer{i + 1}", st[-1].out_ch, r)
+                             for i, (st, r) in enumerate(zip(stages, reductions))))
+        fc = LinearSpec("fc", width, s.num_classes) if s.num_classes > 0 else None
+        out_indices = None
+        if s.features_only:
+            # timm's FeatureListNet keeps the modules up to the last level asked for, no head.
+            last = max(s.out_indices)
+            stages, fc, out_indices = stages[:last], None, tuple(s.out_indices)
+            maxpool = maxpool if last >= 1 else ()
+        kept = {f"layer{i + 1}" for i in range(len(stages))} | {"conv1", "bn1"} | ({"maxpool"} if maxpool else set())
+        norms = tuple(n for n in self.all_norms if n.name.split(".")[0] in kept)
         return ResNetPlan(s, fold, stem_convs, () if fold else stem_norms, maxpool, seq,
-                          tuple(stages), fc, tuple(self.all_norms))
+                          tuple(stages), fc, norms, info, out_indices, s.global_pool == "avg")
 
     def downsample(self, name: str, cin: int, cout: int, stride: int, dilation: int,
                    first_dil: int) -> tuple[Optional[PoolSpec], ConvSpec, NormSpec]:

@@ -13,7 +13,7 @@ BatchNorm running statistics live in the `eqx.nn.State`.
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import equinox as eqx
 import jax
@@ -32,7 +32,8 @@ LAYOUT = "conv OIHW, linear (out, in), CHW activations (as PyTorch)"
 _STATE_FIELD = "state_index"
 _STATE_LEAVES = ("running_mean", "running_var")
 
-__all__ = ["create", "load", "named_arrays", "from_named_arrays", "template", "with_cross_replica_axis", "BATCH_AXIS"]
+__all__ = ["create", "load", "save", "to_torch", "from_haiku", "named_arrays", "from_named_arrays", "template",
+           "with_cross_replica_axis", "BATCH_AXIS"]
 
 
 def from_torch_layout(a: Any) -> Any:
@@ -58,7 +59,9 @@ def build(plan: Any, *, key: PRNGKeyArray, dtype: Any = jnp.float32) -> tuple[eq
 
 def create(name: str, *, key: PRNGKeyArray, dtype: Any = jnp.float32, fold_bn: bool = False,
            cross_replica_axis: Optional[str] = None, **overrides: Any) -> tuple[eqx.Module, eqx.nn.State]:
-    """The registered architecture `name` (spec fields such as `num_classes` may be overridden).
+    """The registered architecture `name`; spec fields may be overridden, among them timm's
+    `create_model` options: `num_classes` (0: pooled features; with `global_pool=""` the unpooled
+    final map), `in_chans`, `features_only` with `out_indices` (a list of feature maps).
 
     `dtype` is the compute dtype (bfloat16/float16 for mixed precision); parameters and BatchNorm
     statistics stay float32. `fold_bn=True` builds the inference-only variant whose convs carry
@@ -158,15 +161,53 @@ def from_named_arrays(model_t: Any, arrays: Mapping[str, Any]) -> tuple[Any, eqx
 
 
 def load(path: str, *, dtype: Any = jnp.float32, num_classes: Optional[int] = None,
+         in_chans: Optional[int] = None, features_only: Optional[bool] = None,
+         out_indices: Optional[Sequence[int]] = None, global_pool: Optional[str] = None,
          key: Optional[PRNGKeyArray] = None, cross_replica_axis: Optional[str] = None
          ) -> tuple[Any, eqx.nn.State]:
     """Load a converted `.safetensors` file: (model, state). The metadata and every key are
     checked against the architecture it names.
 
-    `num_classes`: a new classifier of that size (and new GoogLeNet aux heads) on the loaded
-    backbone, initialised as PyTorch's nn.Linear from `key` (needed then), for fine-tuning
-    (timm's `reset_classifier`)."""
+    Surgery, as timm's `create_model` options: `num_classes` gives a new classifier of that size
+    (and new GoogLeNet aux heads) on the loaded backbone, initialised as PyTorch's nn.Linear from
+    `key` (needed then), for fine-tuning (timm's `reset_classifier`); 0 gives the pooled
+    features, and with `global_pool=""` the unpooled final map. `features_only=True` gives a model
+    returning the list of feature maps at `out_indices` (0 the stem, 1-4 the stages; GoogLeNet:
+    `zoo.googlenet.FEATURE_TAPS`). `in_chans` adapts the input conv (timm's `adapt_input_conv`)."""
     from ..io import load_file
 
-    model, state = load_file(path, FRAMEWORK, dtype=dtype, num_classes=num_classes, key=key).objects
+    model, state = load_file(path, FRAMEWORK, dtype=dtype, key=key, num_classes=num_classes, in_chans=in_chans,
+                             features_only=features_only, out_indices=out_indices,
+                             global_pool=global_pool).objects
     return with_cross_replica_axis(model, cross_replica_axis), state
+
+
+def to_torch(model: Any, state: Optional[eqx.nn.State] = None) -> dict[str, Any]:
+    """A PyTorch state dict (numpy arrays, PyTorch names and layouts; running statistics and
+    `num_batches_tracked` from `state`) that the timm / torchvision model loads with
+    `strict=True`. `model` may be any tree shaped like the model (gradients from
+    `eqx.filter_grad`, where non-arrays are None), with `state` None. A model with BatchNorm
+    folded into its convs cannot be exported."""
+    from ..io import to_torch as _to_torch
+
+    return _to_torch(FRAMEWORK, named_arrays(model, state))
+
+
+def from_haiku(params: Mapping, state: Mapping, arch: str, *, dtype: Any = jnp.float32, fold_bn: bool = False,
+               **overrides: Any) -> tuple[Any, eqx.nn.State]:
+    """Haiku (params, state) of `arch` (with the `overrides` it was created with) as an Equinox
+    (model, state), checked name by name and shape by shape as a file load is."""
+    from ..io import convert_objects
+
+    return convert_objects((params, state), "haiku", FRAMEWORK, arch, overrides, fold_bn, dtype)
+
+
+def save(path: str, model: Any, state: eqx.nn.State, *, arch: str, fold_bn: bool = False,
+         force: bool = False, **overrides: Any) -> Any:
+    """Write (model, state) of `arch` (with the `overrides` it was created or loaded with:
+    num_classes, features_only, ...) as a zoo file, checked and described as `zoo convert` does;
+    `zoo.load`, `zoo.haiku.load` and `zoo export` read it. Atomic; an existing file needs
+    `force=True`."""
+    from ..io import save_objects
+
+    return save_objects(path, FRAMEWORK, (model, state), arch, overrides, fold_bn, force)

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .. import ops
-from ..googlenet import (TRANSFORM_INPUT, AuxPlan, ConvBNPlan, GoogLeNetOutputs, GoogLeNetPlan, InceptionPlan,
-                         PoolPlan)
+from ..googlenet import (FEATURE_TAPS, INCEPTION_BLOCKS, TRANSFORM_INPUT, AuxPlan, ConvBNPlan, GoogLeNetOutputs,
+                         GoogLeNetPlan, InceptionPlan, PoolPlan)
 from ..spec import PoolSpec
 from .layers import BatchNorm, Conv2d, Linear, make_norm
 
@@ -112,36 +112,43 @@ TrunkModule = Union[BasicConv2d, MaxPool, Inception]
 
 class GoogLeNet(eqx.Module):
     """One CHW image -> float32 logits; in training mode with aux heads,
-    `GoogLeNetOutputs(logits, aux_logits2, aux_logits1)` as torchvision."""
+    `GoogLeNetOutputs(logits, aux_logits2, aux_logits1)` as torchvision; with `num_classes=0` the
+    pooled features (or the unpooled map, `global_pool=""`), with `features_only` the list of maps
+    at the `FEATURE_TAPS` of `out_indices`. Layers past the last tap asked for are None."""
 
     conv1: BasicConv2d
-    maxpool1: MaxPool
-    conv2: BasicConv2d
-    conv3: BasicConv2d
-    maxpool2: MaxPool
-    inception3a: Inception
-    inception3b: Inception
-    maxpool3: MaxPool
-    inception4a: Inception
-    inception4b: Inception
-    inception4c: Inception
-    inception4d: Inception
-    inception4e: Inception
-    maxpool4: MaxPool
-    inception5a: Inception
-    inception5b: Inception
+    maxpool1: Optional[MaxPool]
+    conv2: Optional[BasicConv2d]
+    conv3: Optional[BasicConv2d]
+    maxpool2: Optional[MaxPool]
+    inception3a: Optional[Inception]
+    inception3b: Optional[Inception]
+    maxpool3: Optional[MaxPool]
+    inception4a: Optional[Inception]
+    inception4b: Optional[Inception]
+    inception4c: Optional[Inception]
+    inception4d: Optional[Inception]
+    inception4e: Optional[Inception]
+    maxpool4: Optional[MaxPool]
+    inception5a: Optional[Inception]
+    inception5b: Optional[Inception]
     aux1: Optional[InceptionAux]
     aux2: Optional[InceptionAux]
-    fc: Linear
+    fc: Optional[Linear]
     trunk: tuple[str, ...] = eqx.field(static=True)  # attribute names in execution order
     taps: tuple[tuple[str, str], ...] = eqx.field(static=True)  # (trunk layer, aux head reading it)
+    feature_taps: Optional[tuple[str, ...]] = eqx.field(static=True)  # features_only: layers returned
+    global_pool: bool = eqx.field(static=True)
     transform_input: bool = eqx.field(static=True)
     dropout: float = eqx.field(static=True)
     dtype: Any = eqx.field(static=True)
     inference: bool
 
     def __init__(self, plan: GoogLeNetPlan, *, key: PRNGKeyArray, dtype: Any = jnp.float32):
-        keys = iter(jax.random.split(key, len(plan.trunk) + len(plan.aux) + 1))
+        # Keys as for the full network, so a truncated one starts with the same weights.
+        keys = iter(jax.random.split(key, 16 + len(plan.aux) + 1))
+        for name in ("maxpool1", "conv2", "conv3", "maxpool2", *INCEPTION_BLOCKS, "maxpool3", "maxpool4"):
+            setattr(self, name, None)
         for layer in plan.trunk:
             if isinstance(layer, PoolPlan):
                 module: TrunkModule = MaxPool(layer)
@@ -153,9 +160,11 @@ class GoogLeNet(eqx.Module):
         self.aux1 = self.aux2 = None
         for aux in plan.aux:
             setattr(self, aux.name, InceptionAux(aux, key=next(keys)))
-        self.fc = Linear(plan.fc, key=next(keys))
+        self.fc = None if plan.fc is None else Linear(plan.fc, key=next(keys))
         self.trunk = tuple(layer.name for layer in plan.trunk)
         self.taps = tuple((aux.tap, aux.name) for aux in plan.aux)
+        self.feature_taps = None if plan.out_indices is None else tuple(FEATURE_TAPS[i] for i in plan.out_indices)
+        self.global_pool = plan.global_pool
         self.transform_input = plan.spec.transform_input
         self.dropout = plan.spec.dropout
         self.dtype = dtype
@@ -163,7 +172,9 @@ class GoogLeNet(eqx.Module):
 
     def __call__(self, x: Float[Array, "C H W"], state: eqx.nn.State, *,
                  key: Optional[PRNGKeyArray] = None
-                 ) -> tuple[Union[Float[Array, " K"], GoogLeNetOutputs], eqx.nn.State]:
+                 ) -> tuple[Union[Float[Array, " K"], GoogLeNetOutputs, Float[Array, "c h w"], list],
+                            eqx.nn.State]:
+        out_dtype = ops.stat_dtype(self.dtype)
         if self.transform_input:
             x = jnp.stack([x[c] * scale + shift for c, (scale, shift) in enumerate(TRANSFORM_INPUT)])
         x = x.astype(self.dtype)
@@ -171,15 +182,22 @@ class GoogLeNet(eqx.Module):
         fc_key, *aux_keys = [None] * 3 if key is None else jax.random.split(key, 3)
         taps = dict(self.taps)
         aux_out = {}
+        features = {}
         for name in self.trunk:
             x, state = getattr(self, name)(x, state)
             if training_aux and name in taps:
                 aux = taps[name]
                 aux_out[aux], state = getattr(self, aux)(x, state, key=aux_keys[len(aux_out)])
-        x = ops.global_avg_pool(x)
+            features[name] = x
+        if self.feature_taps is not None:
+            return [features[t].astype(out_dtype) for t in self.feature_taps], state
+        if self.global_pool:
+            x = ops.global_avg_pool(x)
         if not self.inference and self.dropout > 0:
             x = ops.dropout(x, self.dropout, _need_key(fc_key))
-        logits = self.fc(x).astype(ops.stat_dtype(self.dtype))
+        if self.fc is None:
+            return x.astype(out_dtype), state
+        logits = self.fc(x).astype(out_dtype)
         if training_aux:
             return GoogLeNetOutputs(logits, aux_out["aux2"], aux_out["aux1"]), state
         return logits, state

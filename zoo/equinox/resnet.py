@@ -460,6 +460,10 @@ def _stem_pool(plan: ResNetPlan, key: PRNGKeyArray) -> Any:
 
 
 class ResNet(eqx.Module):
+    """One CHW image -> float32 logits; with `num_classes=0` the pooled features (or the unpooled
+    map, `global_pool=""`), with `features_only` the list of feature maps at `out_indices`. Stages
+    past the last feature level asked for are empty, an absent head is None."""
+
     conv1: Any  # Conv2d, or the deep stem's tuple with PyTorch's Sequential indices
     bn1: Optional[Norm]
     maxpool: Any  # Pool, or PyTorch's Sequential as a tuple (anti-aliased or conv stem pool)
@@ -467,13 +471,15 @@ class ResNet(eqx.Module):
     layer2: tuple[eqx.Module, ...]
     layer3: tuple[eqx.Module, ...]
     layer4: tuple[eqx.Module, ...]
-    fc: Linear
+    fc: Optional[Linear]
     drop_rate: float = eqx.field(static=True)
     dtype: Any = eqx.field(static=True)
+    out_indices: Optional[tuple[int, ...]] = eqx.field(static=True)
+    global_pool: bool = eqx.field(static=True)
     inference: bool
 
     def __init__(self, plan: ResNetPlan, *, key: PRNGKeyArray, dtype: Any = jnp.float32):
-        if len(plan.stages) != 4:
+        if len(plan.spec.layers) != 4:
             raise ValueError("the ResNet module has exactly four stages")
         skey, *bkeys = jax.random.split(key, 2 + sum(len(s) for s in plan.stages))
         stem_keys = jax.random.split(skey, len(plan.stem_convs) + 2)
@@ -491,27 +497,43 @@ class ResNet(eqx.Module):
                     layers.extend([inner[i], ReLU()])
             self.conv1 = tuple(layers)
         self.bn1 = norms[-1] if norms else None
-        self.maxpool = _stem_pool(plan, stem_keys[-2])
+        self.maxpool = _stem_pool(plan, stem_keys[-2]) if plan.maxpool else None
         it = iter(bkeys)
         stages = [tuple(BLOCKS[b.kind](b, key=next(it)) for b in stage) for stage in plan.stages]
+        stages += [()] * (4 - len(stages))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.fc = Linear(plan.fc, key=stem_keys[-1])
+        self.fc = None if plan.fc is None else Linear(plan.fc, key=stem_keys[-1])
         self.drop_rate = plan.spec.drop_rate
         self.dtype = dtype
+        self.out_indices = plan.out_indices
+        self.global_pool = plan.global_pool
         self.inference = False
 
     def __call__(self, x: Float[Array, "C H W"], state: State, *,
-                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, " K"], State]:
+                 key: Optional[PRNGKeyArray] = None
+                 ) -> tuple[Union[Float[Array, " K"], Float[Array, "c h w"], list[Float[Array, "c h w"]]], State]:
+        out_dtype = ops.stat_dtype(self.dtype)
         x = x.astype(self.dtype)
         x, state = _sequential(self.conv1, x, state)
         x, state = _apply_norm(self.bn1, x, state)
         x = jax.nn.relu(x)
-        x, state = _sequential(self.maxpool, x, state)
-        blocks = [*self.layer1, *self.layer2, *self.layer3, *self.layer4]
-        keys = _split(key, len(blocks) + 1)
-        for block, k in zip(blocks, keys):
-            x, state = block(x, state, key=k)
-        x = ops.global_avg_pool(x)
+        features = [x]
+        if self.maxpool is not None:
+            x, state = _sequential(self.maxpool, x, state)
+        stages = [s for s in (self.layer1, self.layer2, self.layer3, self.layer4) if s]
+        keys = _split(key, sum(len(s) for s in stages) + 1)
+        i = 0
+        for stage in stages:
+            for block in stage:
+                x, state = block(x, state, key=keys[i])
+                i += 1
+            features.append(x)
+        if self.out_indices is not None:
+            return [features[j].astype(out_dtype) for j in self.out_indices], state
+        if self.global_pool:
+            x = ops.global_avg_pool(x)
         if not self.inference and self.drop_rate > 0:
             x = ops.dropout(x, self.drop_rate, _need_key(keys[-1]))
-        return self.fc(x).astype(ops.stat_dtype(self.dtype)), state
+        if self.fc is not None:
+            x = self.fc(x)
+        return x.astype(out_dtype), state

@@ -10,7 +10,7 @@ Conv kernels are HWIO, Linear weights (in, out); BatchNorm running statistics li
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import haiku as hk
 import jax
@@ -28,7 +28,7 @@ FRAMEWORK = "haiku"
 LAYOUT = "conv HWIO, linear (in, out), NHWC activations"
 from_torch_layout = haiku_from_torch_layout
 
-__all__ = ["create", "load", "named_arrays", "from_named_arrays", "template"]
+__all__ = ["create", "load", "save", "to_torch", "from_equinox", "named_arrays", "from_named_arrays", "template"]
 
 
 # Plan type -> function returning the forward to transform; other families register here.
@@ -51,7 +51,9 @@ def build(plan: Any, dtype: Any = jnp.float32, cross_replica_axis: Optional[str]
 
 def create(name: str, *, dtype: Any = jnp.float32, fold_bn: bool = False,
            cross_replica_axis: Optional[str] = None, **overrides: Any) -> hk.TransformedWithState:
-    """The registered architecture `name` (spec fields such as `num_classes` may be overridden).
+    """The registered architecture `name`; spec fields may be overridden, among them timm's
+    `create_model` options: `num_classes` (0: pooled features; with `global_pool=""` the unpooled
+    final map), `in_chans`, `features_only` with `out_indices` (a list of feature maps).
 
     `dtype` is the compute dtype (bfloat16/float16 for mixed precision); parameters and BatchNorm
     statistics stay float32. `fold_bn=True` builds the inference-only variant whose convs carry
@@ -94,18 +96,54 @@ def from_named_arrays(params_t: Mapping, state_t: Mapping,
     return fill(params_t), fill(state_t)
 
 
-def load(path: str, *, dtype: Any = jnp.float32, num_classes: Optional[int] = None, key: Any = None,
+def load(path: str, *, dtype: Any = jnp.float32, num_classes: Optional[int] = None,
+         in_chans: Optional[int] = None, features_only: Optional[bool] = None,
+         out_indices: Optional[Sequence[int]] = None, global_pool: Optional[str] = None, key: Any = None,
          cross_replica_axis: Optional[str] = None) -> tuple[hk.TransformedWithState, hk.Params, hk.State]:
     """Load a converted `.safetensors` file: (transformed, params, state). The metadata and every
     key are checked against the architecture it names.
 
-    `num_classes`: a new classifier of that size (and new GoogLeNet aux heads) on the loaded
-    backbone, initialised as PyTorch's nn.Linear from `key` (default `jax.random.key(0)`), for
-    fine-tuning (timm's `reset_classifier`)."""
+    Surgery, as timm's `create_model` options: `num_classes` gives a new classifier of that size
+    (and new GoogLeNet aux heads) on the loaded backbone, initialised as PyTorch's nn.Linear from
+    `key` (default `jax.random.key(0)`), for fine-tuning (timm's `reset_classifier`); 0 gives the
+    pooled features, and with `global_pool=""` the unpooled final map. `features_only=True` gives
+    a network returning the feature maps at `out_indices` (0 the stem, 1-4 the stages; GoogLeNet:
+    `zoo.googlenet.FEATURE_TAPS`). `in_chans` adapts the input conv (timm's `adapt_input_conv`)."""
     from ..io import load_file
 
-    if key is None and num_classes is not None:
+    if key is None:
         key = jax.random.key(0)
-    loaded = load_file(path, FRAMEWORK, num_classes=num_classes, key=key)
+    loaded = load_file(path, FRAMEWORK, key=key, num_classes=num_classes, in_chans=in_chans,
+                       features_only=features_only, out_indices=out_indices, global_pool=global_pool)
     params, state = loaded.objects
     return build(loaded.plan, dtype, cross_replica_axis), params, state
+
+
+def to_torch(params: Mapping, state: Optional[Mapping] = None) -> dict[str, Any]:
+    """A PyTorch state dict (numpy arrays, PyTorch names and layouts; running statistics and
+    `num_batches_tracked` from `state`) that the timm / torchvision model loads with
+    `strict=True`. `params` may be any tree shaped like the parameters (gradients, updates), with
+    `state` None. A model with BatchNorm folded into its convs cannot be exported."""
+    from ..io import to_torch as _to_torch
+
+    return _to_torch(FRAMEWORK, named_arrays(params, state))
+
+
+def from_equinox(model: Any, state: Any, arch: str, *, fold_bn: bool = False,
+                 **overrides: Any) -> tuple[hk.Params, hk.State]:
+    """An Equinox (model, state) of `arch` (with the `overrides` it was created with) as Haiku
+    (params, state), checked name by name and shape by shape as a file load is."""
+    from ..io import convert_objects
+
+    return convert_objects((model, state), "equinox", FRAMEWORK, arch, overrides, fold_bn)
+
+
+def save(path: str, params: Mapping, state: Mapping, *, arch: str, fold_bn: bool = False,
+         force: bool = False, **overrides: Any) -> Any:
+    """Write (params, state) of `arch` (with the `overrides` it was created or loaded with:
+    num_classes, features_only, ...) as a zoo file, checked and described as `zoo convert` does;
+    `zoo.load`, `zoo.equinox.load` and `zoo export` read it. Atomic; an existing file needs
+    `force=True`."""
+    from ..io import save_objects
+
+    return save_objects(path, FRAMEWORK, (params, state), arch, overrides, fold_bn, force)

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .. import ops
-from ..googlenet import (TRANSFORM_INPUT, AuxPlan, ConvBNPlan, GoogLeNetOutputs, GoogLeNetPlan, InceptionPlan,
-                         PoolPlan)
+from ..googlenet import (FEATURE_TAPS, TRANSFORM_INPUT, AuxPlan, ConvBNPlan, GoogLeNetOutputs, GoogLeNetPlan,
+                         InceptionPlan, PoolPlan)
 from .layers import Conv2d, Linear, Norm, local_name
 
 
@@ -76,11 +76,15 @@ def transform_input(x: Float[Array, "N H W 3"]) -> Float[Array, "N H W 3"]:
 
 def googlenet_forward(plan: GoogLeNetPlan, dtype=jnp.float32):
     """The function to `hk.transform_with_state`: NHWC images -> float32 logits, or in training
-    mode with aux heads `GoogLeNetOutputs(logits, aux_logits2, aux_logits1)` as torchvision."""
+    mode with aux heads `GoogLeNetOutputs(logits, aux_logits2, aux_logits1)` as torchvision; with
+    `num_classes=0` the pooled features (or the unpooled map, `global_pool=""`), with
+    `features_only` the list of maps at the `FEATURE_TAPS` of `out_indices`."""
     aux_at = {a.tap: a for a in plan.aux}
+    taps = [FEATURE_TAPS[i] for i in plan.out_indices or ()]
+    out_dtype = ops.stat_dtype(dtype)
 
     def forward(x: Float[Array, "N H W C"], is_training: bool
-                ) -> Union[Float[Array, "N K"], GoogLeNetOutputs]:
+                ) -> Union[Float[Array, "N K"], GoogLeNetOutputs, Float[Array, "N h w c"], list]:
         if plan.spec.transform_input:
             x = transform_input(x)
         x = x.astype(dtype)
@@ -88,6 +92,7 @@ def googlenet_forward(plan: GoogLeNetPlan, dtype=jnp.float32):
         # the mode, so that inference-mode templates still hold every checkpoint tensor.
         run_aux = is_training or hk.running_init()
         aux_out = {}
+        features = {}
         for layer in plan.trunk:
             if isinstance(layer, PoolPlan):
                 x = ops.pool(x, layer.pool)
@@ -98,10 +103,16 @@ def googlenet_forward(plan: GoogLeNetPlan, dtype=jnp.float32):
             if run_aux and layer.name in aux_at:
                 aux = aux_at[layer.name]
                 aux_out[aux.name] = InceptionAux(aux)(x, is_training)
-        x = ops.global_avg_pool(x)
+            features[layer.name] = x
+        if plan.out_indices is not None:
+            return [features[t].astype(out_dtype) for t in taps]
+        if plan.global_pool:
+            x = ops.global_avg_pool(x)
         if is_training and plan.spec.dropout > 0:
             x = ops.dropout(x, plan.spec.dropout, hk.next_rng_key())
-        logits = Linear(plan.fc)(x).astype(ops.stat_dtype(dtype))
+        if plan.fc is None:
+            return x.astype(out_dtype)
+        logits = Linear(plan.fc)(x).astype(out_dtype)
         if is_training and plan.aux:
             return GoogLeNetOutputs(logits, aux_out["aux2"], aux_out["aux1"])
         return logits

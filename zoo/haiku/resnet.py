@@ -7,7 +7,7 @@ every level of PyTorch's module tree that holds parameters is a Haiku module her
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import haiku as hk
 import jax
@@ -262,9 +262,12 @@ def _maxpool(plan: ResNetPlan, x: Array, is_training: bool) -> Array:
 
 def resnet_forward(plan: ResNetPlan, dtype=jnp.float32):
     """The function to `hk.transform_with_state`: NHWC images -> float32 logits (float64 when
-    computing in float64)."""
+    computing in float64); with `num_classes=0` the pooled features (N, C), or the unpooled map
+    (N, H, W, C) with `global_pool=""`; with `features_only` the list of feature maps."""
+    out_dtype = ops.stat_dtype(dtype)
 
-    def forward(x: Float[Array, "N H W C"], is_training: bool) -> Float[Array, "N K"]:
+    def forward(x: Float[Array, "N H W C"], is_training: bool
+                ) -> Union[Float[Array, "N K"], Float[Array, "N h w c"], list[Float[Array, "N h w c"]]]:
         x = x.astype(dtype)
         norms = list(plan.stem_norms)
         for i, conv in enumerate(plan.stem_convs):
@@ -272,13 +275,21 @@ def resnet_forward(plan: ResNetPlan, dtype=jnp.float32):
             if norms:
                 x = Norm(norms[i])(x, is_training)
             x = jax.nn.relu(x)
-        x = _maxpool(plan, x, is_training)
+        features = [x]
+        if plan.maxpool:
+            x = _maxpool(plan, x, is_training)
         for stage in plan.stages:
             for block in stage:
                 x = Block(block)(x, is_training)
-        x = ops.global_avg_pool(x)
+            features.append(x)
+        if plan.out_indices is not None:
+            return [features[i].astype(out_dtype) for i in plan.out_indices]
+        if plan.global_pool:
+            x = ops.global_avg_pool(x)
         if is_training and plan.spec.drop_rate > 0:
             x = ops.dropout(x, plan.spec.drop_rate, hk.next_rng_key())
-        return Linear(plan.fc)(x).astype(ops.stat_dtype(dtype))
+        if plan.fc is not None:
+            x = Linear(plan.fc)(x)
+        return x.astype(out_dtype)
 
     return forward
