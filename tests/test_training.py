@@ -101,8 +101,11 @@ def _gradient_cases():
         if dataclasses.is_dataclass(option) and hasattr(option, "cardinality"):
             option = dataclasses.replace(option, base_width=64, cardinality=min(option.cardinality, 2))
         cases.setdefault(repr(option), (name, overrides, []))[2].append(name)
+    # GoogLeNet in Equinox only: its Haiku train step (1 min to compile here) is jitted, stepped
+    # and compared with PyTorch by test_training_matches_pytorch[googlenet-aux-haiku].
     return [pytest.param(name, overrides, fw, id=f"{'+'.join(names)}-{fw}")
-            for name, overrides, names in cases.values() for fw in FRAMEWORKS]
+            for name, overrides, names in cases.values() for fw in FRAMEWORKS
+            if not (name == "googlenet" and fw == "haiku")]
 
 
 @pytest.mark.parametrize("arch,overrides,framework", _gradient_cases())
@@ -345,6 +348,8 @@ def _adamw_framework(key: str) -> str:
     """AdamW runs in one framework per option, alternating (each framework gets 6 or 7 options):
     its arithmetic is optax's on the same parameter tree the SGD steps already check in both, and
     each extra compilation of a train step costs CI 5-15 s."""
+    if key == "googlenet-aux":
+        return "equinox"  # Haiku's GoogLeNet train step compiles ~25 s slower on 2 cores
     return FRAMEWORKS[list(GRAD_PARITY).index(key) % 2]
 
 
