@@ -10,6 +10,8 @@ from typing import Optional, Tuple
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -48,10 +50,10 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on e
 def _fail(e: BaseException) -> None:
     if _debug["on"]:
         raise e
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if isinstance(e, KeyError):
-        msg = str(e.args[0]) if e.args else msg
-    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    # The first line; an exception without a message (EOFError()) by its type's name.
+    msg = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+    err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -136,6 +138,8 @@ def convert(
     transform_input: Optional[bool] = typer.Option(None, "--transform-input/--no-transform-input",
                                                    help=_TRANSFORM_INPUT_HELP),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
+                                         help="Convert a checkpoint holding NaN or Inf values (refused by default)."),
 ) -> None:
     """Convert a PyTorch checkpoint into a zoo .safetensors file."""
     try:
@@ -158,7 +162,7 @@ def convert(
                 source = pretrained_state_dict(name, lib)
                 overrides = {**pretrained_overrides(name, lib), **overrides}
             path = convert_to_file(name, source, framework.value, out, fold_bn=fold_bn, force=force,
-                                   overrides=overrides, seed=seed)
+                                   overrides=overrides, seed=seed, allow_nonfinite=allow_nonfinite)
         console.print(f"wrote {path} ({_human(path.stat().st_size)})")
     except Exception as e:  # noqa: BLE001 - one line per error, traceback under --debug
         _fail(e)
@@ -185,9 +189,15 @@ def verify(
     transform_input: Optional[bool] = typer.Option(None, "--transform-input/--no-transform-input",
                                                    help=_TRANSFORM_INPUT_HELP),
     seed: int = typer.Option(0),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Accept NaN/Inf in the checkpoint."),
+    allow_other_source: bool = typer.Option(
+        False, "--allow-other-source", help="Compare a --converted file with a checkpoint other than the "
+                                            "one it records (by sha256) as its source."),
+    verify_digest: bool = typer.Option(True, "--verify-digest/--no-verify-digest",
+                                       help="Check the --converted file's content digest."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Run PyTorch and the converted JAX model on the same inputs and compare logits."""
+    """Run PyTorch and the converted JAX model on the same inputs and compare logits (or features)."""
     try:
         from converters.verify import verify as run_verify
 
@@ -197,7 +207,9 @@ def verify(
                                 library=library.value if library else None,
                                 converted_file=str(converted) if converted else None,
                                 overrides=_overrides(num_classes, no_aux, transform_input, in_chans,
-                                                     features_only, out_indices))
+                                                     features_only, out_indices),
+                                allow_nonfinite=allow_nonfinite, allow_other_source=allow_other_source,
+                                check=verify_digest)
     except Exception as e:  # noqa: BLE001
         _fail(e)
         return
@@ -226,40 +238,29 @@ def verify(
 
 @app.command()
 def info(path: Path = typer.Argument(..., help="A zoo .safetensors file."),
-         as_json: bool = typer.Option(False, "--json")) -> None:
-    """Show a converted file's metadata, parameter count and size."""
+         as_json: bool = typer.Option(False, "--json"),
+         verify_digest: bool = typer.Option(True, "--verify-digest/--no-verify-digest",
+                                            help="Recompute the content digest (reads every tensor).")) -> None:
+    """Check a converted file and show its metadata, dtypes, parameter count, digests and size.
+    Exits non-zero when the header, the metadata, the tensors' names and shapes (against the
+    architecture) or the content digest are wrong."""
     try:
-        from safetensors import safe_open
+        from zoo.io import inspect_file
 
-        from zoo.io import read_metadata
-
-        meta = read_metadata(path)
-        n_params = n_state = 0
-        with safe_open(str(path), framework="numpy") as f:
-            for key in f.keys():
-                shape = f.get_slice(key).get_shape()
-                count = 1
-                for d in shape:
-                    count *= d
-                if key.endswith((".running_mean", ".running_var")):
-                    n_state += count
-                else:
-                    n_params += count
+        summary = inspect_file(path, check=verify_digest)
     except Exception as e:  # noqa: BLE001
         _fail(e)
         return
-    order = ("arch", "framework", "bn_folded", "num_classes", "overrides", "layout", "source",
-             "format", "format_version", "zoo_version")
-    meta = {k: meta[k] for k in sorted(meta, key=lambda k: (order.index(k) if k in order else len(order), k))}
-    summary = {**meta, "parameters": n_params, "state_values": n_state, "file_bytes": path.stat().st_size}
     if as_json:
         print(json.dumps(summary))
         return
-    table = Table(title=str(path))
-    table.add_column("field")
-    table.add_column("value")
+    table = Table(title=escape(str(path)))
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", overflow="fold")  # digests are shown whole, folded, never cut
     for k, v in summary.items():
-        table.add_row(k, f"{v:,}" if isinstance(v, int) else str(v))
+        text = (str(v).lower() if isinstance(v, bool) else f"{v:,}" if isinstance(v, int)
+                else json.dumps(v) if isinstance(v, dict) else str(v))
+        table.add_row(Text(k), Text(text))  # file contents are never read as markup
     table.add_row("size", _human(path.stat().st_size))
     console.print(table)
 
@@ -291,6 +292,9 @@ def random_checkpoint(
     """Write a PyTorch checkpoint with random weights and randomised BatchNorm statistics (for trying
     the tools where model hubs are unreachable)."""
     try:
+        from zoo.io import atomic_write, check_output_path
+
+        check_output_path(out)  # a missing or read-only folder fails before any work
         import torch
 
         from converters.torch_models import random_model
@@ -302,9 +306,10 @@ def random_checkpoint(
             if out.suffix == ".safetensors":
                 from safetensors.torch import save_file
 
-                save_file({k: v.contiguous() for k, v in sd.items()}, str(out))
+                tensors = {k: v.contiguous() for k, v in sd.items()}
+                atomic_write(out, lambda tmp: save_file(tensors, tmp), force=force)
             else:
-                torch.save(sd, str(out))
+                atomic_write(out, lambda tmp: torch.save(sd, tmp), force=force)
         console.print(f"wrote {out} ({_human(out.stat().st_size)})")
     except Exception as e:  # noqa: BLE001
         _fail(e)

@@ -13,10 +13,10 @@ from zoo import registry
 from zoo._surgery import adapt, split_surgery, target_overrides
 from zoo.checked import ConversionError, checked_merge
 from zoo.frameworks import adapter
-from zoo.io import Loaded, build_metadata, save_file
+from zoo.io import Loaded, build_metadata, check_output_path, save_file
 
 from .fold import fold_batchnorm
-from .state_dict import Source, describe_source, load_state_dict
+from .state_dict import IGNORED_SUFFIXES, Source, describe_source, load_state_dict, safetensors_shapes, unwrap
 
 
 @dataclass
@@ -91,6 +91,8 @@ def convert_state_dict(arch: str, sd: Mapping[str, np.ndarray], framework: str, 
     in_chans, features_only, out_indices, global_pool) that differ from what the checkpoint holds
     make another head or input from it: a new classifier initialised from `seed` as PyTorch's
     nn.Linear, the pooled or unpooled features, a feature extractor, an adapted input conv."""
+    if source is None:
+        source = {"kind": "in-memory", "digest": state_dict_digest(sd)}
     arch_options, surgery = split_surgery(overrides or {})
     overrides = infer_overrides(arch, sd, arch_options)
     spec = registry.get_spec(arch, **overrides)
@@ -114,27 +116,65 @@ def convert_state_dict(arch: str, sd: Mapping[str, np.ndarray], framework: str, 
     arrays = checked_merge(sd, ad.target_shapes(template), ad.from_torch_layout,
                            context=f"checkpoint does not fit {arch}{' (bn folded)' if fold_bn else ''}")
     meta = build_metadata(framework=framework, arch=arch, overrides=overrides, fold_bn=fold_bn,
-                          source=source or {"kind": "in-memory"})
+                          source=source)
     return Converted(Loaded(ad.fill(template, arrays), plan, meta, framework), arrays)
 
 
 def convert(arch: str, source: Source, framework: str, *, fold_bn: bool = False,
-            overrides: Optional[Mapping[str, Any]] = None, dtype: Any = None, seed: int = 0) -> Converted:
+            overrides: Optional[Mapping[str, Any]] = None, dtype: Any = None, seed: int = 0,
+            allow_nonfinite: bool = False) -> Converted:
     """Convert a checkpoint file, a state dict or an `nn.Module` for `arch` into `framework`
-    (surgery options in `overrides`: see `convert_state_dict`)."""
+    (surgery options in `overrides`: see `convert_state_dict`). A checkpoint with NaN or Inf
+    values is refused unless `allow_nonfinite`."""
     registry.get(arch)  # fail on an unknown name before reading a large file
     if overrides:
         registry.get_spec(arch, **overrides)  # and on bad options
-    sd = load_state_dict(source)
+    if isinstance(source, (str, os.PathLike)) and str(source).lower().endswith(".safetensors"):
+        # and on tensors the architecture lacks, from the header, before any data is read
+        preflight(arch, safetensors_shapes(source), overrides)
+    sd = load_state_dict(source, allow_nonfinite=allow_nonfinite)
     return convert_state_dict(arch, sd, framework, fold_bn=fold_bn, overrides=overrides,
-                              source=describe_source(source), dtype=dtype, seed=seed)
+                              source=provenance(source, sd), dtype=dtype, seed=seed)
+
+
+def preflight(arch: str, shapes: Mapping[str, tuple[int, ...]], overrides: Optional[Mapping[str, Any]]) -> None:
+    """The checked merge on names and shapes alone (zero-stride stand-ins, nothing allocated), so
+    a checkpoint that cannot fit is refused before its data is read."""
+    sd = unwrap({k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items() if not k.endswith(IGNORED_SUFFIXES)})
+    arch_options, _ = split_surgery(overrides or {})
+    options = infer_overrides(arch, sd, arch_options)
+    spec = registry.get_spec(arch, **options)
+    plan = spec.plan(False)
+    fixed = plan.fixed_buffers() if hasattr(plan, "fixed_buffers") else {}
+    sd = {k: v for k, v in drop_unused_aux(arch, sd, spec).items() if k not in fixed}  # values: checked later
+    ad = adapter("equinox")  # PyTorch's layout
+    checked_merge(sd, ad.target_shapes(ad.template(plan)), context=f"checkpoint does not fit {arch}")
+
+
+def provenance(source: Source, sd: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """What the file metadata records of its source: a file's name and sha256, or for a state
+    dict or module in memory, a digest of its tensors (`state_dict_digest`)."""
+    out = describe_source(source)
+    if out.get("kind") == "in-memory":
+        out["digest"] = state_dict_digest(sd)
+    return out
+
+
+def state_dict_digest(sd: Mapping[str, np.ndarray]) -> str:
+    """sha256 over the state dict's tensors as float32 (names, shapes, bytes), key order aside."""
+    from zoo._format import content_digest, tensor_digest
+
+    return content_digest({k: tensor_digest(k, np.asarray(v, np.float32)) for k, v in sd.items()})
 
 
 def convert_to_file(arch: str, source: Source, framework: str, out: str | os.PathLike, *,
                     fold_bn: bool = False, force: bool = False,
-                    overrides: Optional[Mapping[str, Any]] = None, seed: int = 0) -> Path:
+                    overrides: Optional[Mapping[str, Any]] = None, seed: int = 0,
+                    allow_nonfinite: bool = False) -> Path:
+    check_output_path(out)  # a missing or read-only folder fails before any work
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to overwrite")
-    converted = convert(arch, source, framework, fold_bn=fold_bn, overrides=overrides, seed=seed)
+    converted = convert(arch, source, framework, fold_bn=fold_bn, overrides=overrides, seed=seed,
+                        allow_nonfinite=allow_nonfinite)
     return save_file(out, converted.arrays, converted.loaded.metadata, force=force)

@@ -225,16 +225,61 @@ def pretrained_state_dict(arch: str, library: str | None = None):
     name = getattr(entry, library, None)
     if name is None:
         raise ValueError(f"{arch} has no {library} counterpart")
+    import contextlib
+    import io
+    import os
+
+    host = "huggingface.co" if library == "timm" else "download.pytorch.org"
+    offline = not _reachable(host)
+    saved = os.environ.get("HF_HUB_OFFLINE")
+    constants = None
     try:
-        if library == "timm":
-            import timm
+        # Unreachable hub: only the local cache is tried (timm would otherwise retry for about a
+        # minute and print its warnings); the libraries' own noise is kept off the terminal.
+        # huggingface_hub reads the variable when imported, so its constant is set as well.
+        if offline and library == "timm":
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            import huggingface_hub.constants as constants
 
-            return timm.create_model(name, pretrained=True).state_dict()
-        import torchvision
+            saved_constant = constants.HF_HUB_OFFLINE
+            constants.HF_HUB_OFFLINE = True
+        with contextlib.redirect_stderr(io.StringIO()):
+            if library == "timm":
+                import timm
 
-        return torchvision.models.get_model(name, weights="DEFAULT").state_dict()
+                return timm.create_model(name, pretrained=True).state_dict()
+            import torchvision
+
+            if offline:
+                import torch
+
+                url = torchvision.models.get_model_weights(name).DEFAULT.url
+                cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+                if not os.path.exists(cached):
+                    raise ConnectionError(f"{host} is unreachable")
+            return torchvision.models.get_model(name, weights="DEFAULT").state_dict()
     except Exception as e:
+        why = f"{host} is unreachable and the weights are not in the local cache" if offline else type(e).__name__
         raise RuntimeError(
-            f"could not fetch pretrained {library} weights for {arch} ({type(e).__name__}); "
-            "without network access, download the checkpoint elsewhere and pass it with --checkpoint FILE"
+            f"could not fetch pretrained {library} weights for {arch} ({why}); download the checkpoint "
+            "elsewhere and pass it with --checkpoint FILE"
         ) from e
+    finally:
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = saved_constant
+        if offline and library == "timm":
+            if saved is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = saved
+
+
+def _reachable(host: str, timeout: float = 2.0) -> bool:
+    """Whether a TCP connection to `host`:443 opens within `timeout` seconds."""
+    import socket
+
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False

@@ -116,13 +116,15 @@ def inputs(batch: int, size: tuple[int, int], channels: int = 3, seed: int = 0) 
 def verify(arch: str, checkpoint: Any, framework: str, *, fold_bn: bool = False, device: str = "auto",
            batch: int = 4, size: tuple[int, int] = (224, 224), precision: str = "highest", seed: int = 0,
            library: Optional[str] = None, converted_file: Optional[str] = None,
-           overrides: Optional[Mapping[str, Any]] = None, reference: Any = None) -> Report:
+           overrides: Optional[Mapping[str, Any]] = None, reference: Any = None,
+           allow_nonfinite: bool = False, allow_other_source: bool = False, check: bool = True) -> Report:
     """Compare PyTorch's logits for `checkpoint` with the converted model's.
 
     The JAX side is converted from `checkpoint` in memory, or read from `converted_file` (a zoo
     file made by `zoo convert`) to check that file. The PyTorch side is built from the registry
     and loaded with `checkpoint`, unless `reference` (an `nn.Module` whose weights `checkpoint`
-    holds, e.g. the model itself) is given.
+    holds, e.g. the model itself) is given. A checkpoint with NaN or Inf values is refused
+    unless `allow_nonfinite`.
     """
     from zoo._surgery import split_surgery
     from zoo.checked import ConversionError
@@ -138,16 +140,19 @@ def verify(arch: str, checkpoint: Any, framework: str, *, fold_bn: bool = False,
         raise ValueError(f"precision must be one of {', '.join(TOLERANCES)}")
     if batch < 1 or min(size) < 1:
         raise ValueError(f"--batch and --size must be positive, got batch {batch}, size {tuple(size)}")
-    sd = load_state_dict(checkpoint)
+    jdev, tdev = jax_device(device), torch_device(device)  # an absent GPU fails before any work
+    sd = load_state_dict(checkpoint, allow_nonfinite=allow_nonfinite)
     arch_options, surgery = split_surgery(overrides or {})
     overrides = infer_overrides(arch, sd, arch_options)
     # Heads the user asked to drop (GoogLeNet's --no-aux) are absent from both sides.
     sd = drop_unused_aux(arch, sd, registry.get_spec(arch, **overrides))
     # The checked conversion first: its error lists every mismatch, PyTorch's stops at the first.
     if converted_file is not None:
-        loaded = load_file(converted_file, framework)
+        loaded = load_file(converted_file, framework, check=check)
         if loaded.arch != arch:
             raise ValueError(f"{converted_file} holds {loaded.arch}, not {arch}")
+        if not allow_other_source:
+            check_same_source(converted_file, loaded.metadata, checkpoint, sd)
         fold_bn = loaded.fold_bn
     else:
         loaded = convert_state_dict(arch, sd, framework, fold_bn=fold_bn, overrides={**overrides, **surgery},
@@ -168,13 +173,35 @@ def verify(arch: str, checkpoint: Any, framework: str, *, fold_bn: bool = False,
             raise ConversionError(missing, result.unexpected_keys,
                                   context=f"checkpoint does not fit PyTorch's {arch}")
     x = inputs(batch, size, loaded.plan.spec.in_chans, seed)
-    jdev, tdev = jax_device(device), torch_device(device)
     ref = _flat(run_torch(model, x, tdev, precision))
     out = _flat(run_jax(loaded, x, jdev, precision))
     tol = TOLERANCES[precision]
     return Report(arch, loaded.framework, fold_bn, batch, tuple(size), precision,
                   f"{jdev.platform}:{getattr(jdev, 'device_kind', jdev)}", tdev, **compare(ref, out),
                   tolerance_rel=tol["rel"], tolerance_top1=tol["top1"])
+
+
+def check_same_source(converted_file: str, metadata: Mapping[str, str], checkpoint: Any,
+                      sd: Mapping[str, np.ndarray]) -> None:
+    """A zoo file records the sha256 of the checkpoint file it came from (or a digest of the
+    state dict it was given); verifying it against another checkpoint proves nothing about it."""
+    import json
+    import os
+
+    from .convert import state_dict_digest
+    from .state_dict import sha256
+
+    source = json.loads(metadata.get("source", "{}"))
+    if isinstance(checkpoint, (str, os.PathLike)) and source.get("sha256"):
+        actual, recorded, what = sha256(checkpoint), source["sha256"], "sha256"
+    elif source.get("digest"):
+        actual, recorded, what = state_dict_digest(sd), source["digest"], "state-dict digest"
+    else:
+        return  # nothing recorded to compare with (a file saved from JAX objects)
+    if actual != recorded:
+        raise ValueError(f"{os.path.basename(str(converted_file))} was converted from another checkpoint "
+                         f"({what} {recorded[:16]}…, this one {actual[:16]}…); pass --allow-other-source "
+                         "to compare them anyway")
 
 
 def _flat(out: Any) -> np.ndarray:

@@ -52,7 +52,7 @@ def test_round_trip_is_exact(tmp_path, checkpoint, framework, fold_bn):
 def test_metadata(tmp_path, checkpoint):
     out = convert_to_file("resnet18", checkpoint, "haiku", tmp_path / "m.safetensors", fold_bn=True)
     meta = read_metadata(out)
-    assert meta["format"] == "zoo" and meta["format_version"] == "1"
+    assert meta["format"] == "zoo" and meta["format_version"] == "2"
     assert meta["framework"] == "haiku" and meta["arch"] == "resnet18"
     assert meta["bn_folded"] == "true" and meta["num_classes"] == "1000"
     assert "HWIO" in meta["layout"] and meta["zoo_version"] == zoo.__version__

@@ -9,12 +9,14 @@ from .checked import ConversionError  # noqa: E402
 from .registry import list_models  # noqa: E402
 
 
-def load(path, *, framework=None, dtype=None):
+def load(path, *, framework=None, dtype=None, check=True):
     """Load a converted `.safetensors` file as a framework-agnostic `zoo.Model`; `dtype` is the
-    compute dtype (default float32; bfloat16/float16 for mixed precision)."""
+    compute dtype (default float32; bfloat16/float16 for mixed precision). The file is checked
+    before use: header, metadata, every name and shape, and (unless `check=False`) its content
+    against the digest recorded when it was written."""
     from .model import Model
 
-    return Model.from_file(path, framework=framework, dtype=dtype)
+    return Model.from_file(path, framework=framework, dtype=dtype, check=check)
 
 
 def __getattr__(name):

@@ -10,24 +10,26 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 
 from . import __version__, registry
 from .checked import ConversionError, checked_merge
+from ._format import FormatError, check_digests, digest_metadata, read_header, validate_metadata
 from .frameworks import FRAMEWORKS, adapter
 
+__all__ = ["FormatError", "Loaded", "load_file", "save_file", "read_metadata", "build_metadata"]
+
 FORMAT = "zoo"
-FORMAT_VERSION = "1"
-REQUIRED = ("format", "format_version", "framework", "arch", "overrides", "bn_folded")
-
-
-class FormatError(ValueError):
-    """The file is not a zoo file, or its metadata does not fit this version of zoo."""
+FORMAT_VERSION = "2"  # 2: a content digest in the metadata ("digest"); version 1 files still load
 
 
 def build_metadata(*, framework: str, arch: str, overrides: Mapping[str, Any], fold_bn: bool,
@@ -47,26 +49,49 @@ def build_metadata(*, framework: str, arch: str, overrides: Mapping[str, Any], f
     }
 
 
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Fail before any work when `path` cannot be written: its folder is missing, is not a folder,
+    or is not writable (for this user, as `os.access` says), or `path` itself is a folder."""
+    path = Path(path)
+    folder = path.parent
+    if not folder.exists():
+        raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"cannot write {path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {path}: the folder {folder} is not writable")
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a folder")
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write: Any, *, force: bool = False) -> Path:
     """`write(tmp_path)` into a temp file beside `path`, then move it into place: a failure leaves
     no partial file, and without `force` an existing target (even one that appeared meanwhile) is
-    never replaced, since the final step is a hard link, which fails if the target exists."""
+    never replaced, since the final step is a hard link, which fails if the target exists.
+
+    The temp file (`.{name}.{pid}.{random}.tmp`) is removed on any exception, and on SIGTERM or
+    SIGINT while the write runs in the main thread (the process then still ends as the signal
+    says). What SIGKILL leaves, no handler sees: each write first removes the temp files of its
+    target whose writer process is gone."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path.parent, path.name)
     if path.exists() and not force:
         raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        if force:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite") from None
+        with _removed_on_signal(tmp):
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())
+            if force:
+                os.replace(tmp, path)
+            else:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -79,36 +104,118 @@ def _umask() -> int:
     return mask
 
 
+# The middle of a temp file's name, between `.{target name}.` and `.tmp`: the writer's pid, then
+# mkstemp's random letters (never a dot, so a longer target name sharing the prefix cannot match).
+_TEMP_MIDDLE = re.compile(r"([0-9]+)\.[A-Za-z0-9_]+")
+# Temp files of this process's writes in progress, which a fatal signal removes.
+_active_temps: set[str] = set()
+
+
+def _remove_stale_temps(folder: Path, name: str) -> None:
+    """Remove the temp files of target `name` in `folder` left by writers that no longer run
+    (killed with SIGKILL, or by a power cut). A live process's file, or one whose pid cannot be
+    checked, is never touched."""
+    if os.name != "posix":  # os.kill(pid, 0) is no liveness probe elsewhere (Windows terminates)
+        return
+    prefix, suffix = f".{name}.", ".tmp"
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return
+    for entry in entries:
+        if len(entry) <= len(prefix) + len(suffix) or not (entry.startswith(prefix) and entry.endswith(suffix)):
+            continue
+        match = _TEMP_MIDDLE.fullmatch(entry[len(prefix):-len(suffix)])
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        try:
+            os.unlink(folder / entry)
+        except OSError:  # removed by another writer meanwhile, or not ours to remove
+            pass
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # os.kill(0, ...) means the process group: never treat such a name as stale
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's live process
+        return True
+    return True
+
+
+@contextmanager
+def _removed_on_signal(tmp: str) -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGINT remove `tmp` before they end the process. Handlers
+    can only be set in the main thread; elsewhere (and where a signal is ignored, or its handler
+    was not set from Python) nothing changes, and a killed writer's file goes at the next write."""
+    _active_temps.add(tmp)
+    installed: dict[int, Any] = {}
+    try:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous = signal.getsignal(signum)
+                if previous is None or previous == signal.SIG_IGN or getattr(previous, "_zoo_temp_handler", False):
+                    continue  # not restorable, ignored, or an outer write's handler already covers it
+                signal.signal(signum, _temp_handler(previous))
+                installed[signum] = previous
+        yield
+    finally:
+        for signum, previous in installed.items():
+            signal.signal(signum, previous)
+        _active_temps.discard(tmp)
+
+
+def _temp_handler(previous: Any) -> Any:
+    def handler(signum: int, frame: Any) -> None:
+        if callable(previous):
+            # A Python handler decides (KeyboardInterrupt by default): an exception it raises unwinds
+            # the write, whose `finally` removes the temp file; one that returns (a graceful-shutdown
+            # flag) lets the write finish.
+            previous(signum, frame)
+            return
+        # The default action: remove the temp files, then die of the same signal.
+        for tmp in list(_active_temps):
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        signal.signal(signum, previous)
+        os.kill(os.getpid(), signum)
+
+    handler._zoo_temp_handler = True  # type: ignore[attr-defined]
+    return handler
+
+
 def save_file(path: str | os.PathLike, arrays: Mapping[str, Any], metadata: Mapping[str, str], *,
               force: bool = False) -> Path:
     """Write atomically: a failure leaves no partial file, and an existing file needs `force`."""
     from safetensors.numpy import save_file as st_save
 
     tensors = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
+    metadata = {**metadata, "format_version": FORMAT_VERSION, "digest": digest_metadata(tensors)}
     return atomic_write(path, lambda tmp: st_save(tensors, tmp, metadata=dict(metadata)), force=force)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    from safetensors import safe_open
+    """A zoo file's metadata, checked field by field (`zoo._format.validate_metadata`)."""
+    return _read_checked_header(path)[1]
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-    except Exception as e:
-        raise FormatError(f"{path.name} is not a safetensors file: {e}") from e
+
+def _read_checked_header(path: str | os.PathLike) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
+    name = Path(path).name
+    tensors, meta = read_header(path)
     if meta.get("format") != FORMAT:
-        raise FormatError(f"{path.name} is not a zoo file (no 'format: {FORMAT}' metadata); "
+        raise FormatError(f"{name} is not a zoo file (no 'format: {FORMAT}' metadata); "
                           "convert PyTorch checkpoints with `zoo convert`")
-    missing = [k for k in REQUIRED if k not in meta]
-    if missing:
-        raise FormatError(f"{path.name}: metadata lacks {', '.join(missing)}")
-    if meta["format_version"] != FORMAT_VERSION:
-        raise FormatError(f"{path.name}: format version {meta['format_version']} is not supported "
-                          f"(this zoo reads version {FORMAT_VERSION})")
-    return meta
+    validate_metadata(name, meta)
+    wrong = [f"{k} ({dtype})" for k, (dtype, _) in tensors.items() if dtype != "F32"]
+    if wrong:
+        raise FormatError(f"{name}: zoo files hold float32 tensors; {len(wrong)} are not: "
+                          f"{', '.join(sorted(wrong)[:5])}")
+    return tensors, meta
 
 
 @dataclass
@@ -132,7 +239,7 @@ class Loaded:
 
 
 def load_file(path: str | os.PathLike, framework: Optional[str] = None, *, dtype: Any = None,
-              key: Any = None, **surgery: Any) -> Loaded:
+              key: Any = None, check: bool = True, **surgery: Any) -> Loaded:
     """Read a zoo file into `framework` (default: the file's own). Every key is checked against
     the architecture in the metadata; a file written for the other framework is re-laid out.
 
@@ -141,41 +248,93 @@ def load_file(path: str | os.PathLike, framework: Optional[str] = None, *, dtype
     new, initialised as PyTorch's nn.Linear from `key` (timm's `reset_classifier`; GoogLeNet's aux
     heads follow), `num_classes=0` drops it, `features_only` keeps the layers up to the last
     feature level, `in_chans` adapts the input conv as timm does. The metadata then records the
-    new options."""
+    new options.
+
+    Before any tensor is read, the header's byte ranges, dtypes (float32) and the names and shapes
+    it declares are checked against the architecture; after reading, every tensor against the
+    digest recorded when the file was written (`check=False` skips that, for speed)."""
     from safetensors.numpy import load_file as st_load
 
     from ._surgery import adapt, target_overrides
 
-    meta = read_metadata(path)
+    header, meta = _read_checked_header(path)
     stored = adapter(meta["framework"])
     target = adapter(framework or meta["framework"])
     name = Path(path).name
-    try:
-        overrides = json.loads(meta["overrides"])
-        spec = registry.get_spec(meta["arch"], **overrides)
-    except (KeyError, TypeError) as e:
-        raise FormatError(f"{name}: {e}") from e
+    overrides = json.loads(meta["overrides"])
     fold_bn = meta["bn_folded"] == "true"
-    plan = spec.plan(fold_bn)
-    arrays = {k: stored.to_torch_layout(v) for k, v in st_load(str(path)).items()}
+    plan = registry.get_spec(meta["arch"], **overrides).plan(fold_bn)
     surgery = {k: v for k, v in surgery.items() if v is not None}
+    new_plan = plan
     if surgery:
         new = target_overrides(meta["arch"], overrides, plan, surgery)
         new_plan = registry.get_spec(meta["arch"], **new).plan(fold_bn)
+    template = target.template(new_plan, dtype)
+    shapes = target.target_shapes(template)
+
+    def fit(arrays: Mapping[str, np.ndarray], key: Any) -> dict[str, np.ndarray]:
         if new_plan != plan:
             arrays = adapt(arrays, plan, new_plan, key)
-            meta = build_metadata(framework=target.name, arch=meta["arch"], overrides=new, fold_bn=fold_bn,
-                                  source=json.loads(meta["source"]))
-            plan = new_plan
-    template = target.template(plan, dtype)
-    shapes = target.target_shapes(template)
+        try:
+            return checked_merge(arrays, shapes, target.from_torch_layout,
+                                 context=f"{name} does not fit {meta['arch']}")
+        except ConversionError as e:
+            _explain_layout(e, arrays, shapes, meta, name, target)
+            raise
+
+    # Names and shapes from the header alone, on zero-stride stand-ins: nothing is allocated for
+    # a tensor the architecture does not have.
+    fit({k: stored.to_torch_layout(np.broadcast_to(np.float32(0), s)) for k, (_, s) in header.items()},
+        jax_key_or_none(key))
     try:
-        merged = checked_merge(arrays, shapes, target.from_torch_layout,
-                               context=f"{name} does not fit {meta['arch']}")
-    except ConversionError as e:
-        _explain_layout(e, arrays, shapes, meta, name, target)
-        raise
-    return Loaded(target.fill(template, merged), plan, meta, target.name)
+        raw = st_load(str(path))
+    except Exception as e:  # safetensors' own checks (uncovered bytes, overlaps), untyped
+        why = str(e).splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise FormatError(f"{name} is damaged: {why}") from None
+    if check:
+        check_digests(name, meta, raw)
+    merged = fit({k: stored.to_torch_layout(v) for k, v in raw.items()}, key)
+    if new_plan != plan:
+        meta = build_metadata(framework=target.name, arch=meta["arch"], overrides=new, fold_bn=fold_bn,
+                              source=json.loads(meta.get("source", "{}")))
+    return Loaded(target.fill(template, merged), new_plan, meta, target.name)
+
+
+def inspect_file(path: str | os.PathLike, *, check: bool = True) -> dict[str, Any]:
+    """Check a zoo file as loading does (header, metadata, names and shapes against the
+    architecture, digest unless `check=False`) and summarise it: metadata, dtypes, counts,
+    digests. Raises on the first problem."""
+    from ._format import parse_digest
+
+    header, meta = _read_checked_header(path)
+    load_file(path, check=check)
+    n_params = n_state = 0
+    dtypes: dict[str, int] = {}
+    for key, (dtype, shape) in header.items():
+        count = int(np.prod(shape, dtype=np.int64))
+        dtypes[dtype] = dtypes.get(dtype, 0) + 1
+        if key.endswith((".running_mean", ".running_var")):
+            n_state += count
+        else:
+            n_params += count
+    order = ("arch", "framework", "bn_folded", "num_classes", "overrides", "layout", "source",
+             "format", "format_version", "zoo_version")
+    keys = sorted(meta, key=lambda k: (order.index(k) if k in order else len(order), k))
+    out: dict[str, Any] = {k: meta[k] for k in keys if k != "digest"}
+    digest = parse_digest(Path(path).name, meta["digest"]) if "digest" in meta else None
+    out.update({"tensors": len(header), "dtypes": dtypes, "parameters": n_params, "state_values": n_state,
+                "content_digest": digest["content"] if digest else "none (format version 1)",
+                "digest_checked": bool(check and digest), "file_bytes": Path(path).stat().st_size})
+    return out
+
+
+def jax_key_or_none(key: Any) -> Any:
+    """The key for the header-only pass: a new classifier there is only shapes, so any key does."""
+    if key is not None:
+        return key
+    import jax
+
+    return jax.random.key(0)
 
 
 def _explain_layout(e: ConversionError, arrays: Mapping[str, np.ndarray], shapes: Mapping[str, tuple],
@@ -266,6 +425,7 @@ def save_objects(path: str | os.PathLike, framework: str, objects: Any, arch: st
 def export_file(path: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> Path:
     """Write a zoo file as a PyTorch state dict (`.pth`/`.pt` with torch.save, or `.safetensors`)
     that the timm / torchvision model of its architecture loads with `strict=True`."""
+    check_output_path(out)  # a missing or read-only folder fails before any work
     out = Path(out)
     suffix = out.suffix.lower()
     if suffix not in (".pth", ".pt", ".safetensors"):

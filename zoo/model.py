@@ -46,9 +46,10 @@ class Model:
         return f"zoo.Model({self.arch!r}, framework={self.framework!r}{folded})"
 
     @classmethod
-    def from_file(cls, path: str, *, framework: Optional[str] = None, dtype: Any = None) -> "Model":
+    def from_file(cls, path: str, *, framework: Optional[str] = None, dtype: Any = None,
+                  check: bool = True) -> "Model":
         dtype = jnp.float32 if dtype is None else dtype
-        loaded = load_file(path, framework, dtype=dtype)
+        loaded = load_file(path, framework, dtype=dtype, check=check)
         return cls(loaded, make_predict(loaded, dtype))
 
 

@@ -34,10 +34,32 @@ def register(name: str, spec: Any, *, timm: Optional[str] = None,
 def get(name: str) -> Entry:
     try:
         return _REGISTRY[name]
-    except KeyError:
-        close = fnmatch.filter(_REGISTRY, f"*{name}*")[:5]
+    except (KeyError, TypeError):
+        close = suggestions(str(name))
         hint = f" (did you mean: {', '.join(close)}?)" if close else ""
         raise KeyError(f"unknown model {name!r}{hint}; `zoo list` shows the registry") from None
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance, with a transposition of neighbours counting one (`resent` ~ `resnet`)."""
+    prev2, prev = None, list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, cb in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb))
+            if prev2 is not None and i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        prev2, prev = prev, cur
+    return prev[-1]
+
+
+def suggestions(name: str, limit: int = 5) -> list[str]:
+    """Registered names close to `name`: those containing it (shortest first), then by edit
+    distance (typos such as `resent18`)."""
+    out = sorted(fnmatch.filter(_REGISTRY, f"*{name.lower()}*"), key=lambda n: (len(n), n))
+    near = sorted((d, n) for n in _REGISTRY if (d := _edit_distance(name.lower(), n)) <= max(2, len(name) // 4))
+    out += [n for _, n in near if n not in out]
+    return out[:limit]
 
 
 def get_spec(name: str, **overrides: Any) -> Any:

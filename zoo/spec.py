@@ -469,6 +469,18 @@ def resnet_plan(spec: ResNetSpec, fold_bn: bool = False) -> ResNetPlan:
 class _ResNetPlanner:
     def __init__(self, spec: ResNetSpec, fold_bn: bool):
         kinds = spec.blocks
+        if not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 1000 for n in spec.layers):
+            raise ValueError(f"layers must be 1 to 1000 blocks per stage, got {tuple(spec.layers)}")
+        if not all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 1 << 16 for c in spec.channels):
+            raise ValueError(f"channels must be integers from 1 to 65536, got {tuple(spec.channels)}")
+        for name in ("stem_width", "base_width", "cardinality", "res2net_scale", "radix", "gn_groups"):
+            v = getattr(spec, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 1 << 16:
+                raise ValueError(f"{name} must be an integer from 1 to 65536, got {v!r}")
+        for name in ("se_rd_ratio", "sk_rd_ratio", "bn_eps", "drop_rate", "drop_path_rate", "drop_block_rate"):
+            v = getattr(spec, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
+                raise ValueError(f"{name} must be a number from 0 to 1, got {v!r}")
         if len(kinds) != len(spec.layers) or len(spec.channels) != len(spec.layers):
             raise ValueError("block, layers and channels need one entry per stage")
         unknown = [k for k in kinds if k not in BLOCK_KINDS]
@@ -503,11 +515,16 @@ class _ResNetPlanner:
         """A conv; `normed` says a norm follows it (so folding gives it a bias)."""
         pad = _padding(k, stride, dilation) if padding is None else padding
         cout = self.widths.get(name, cout)
+        if cin < 1 or cout < 1:
+            raise ValueError(f"{name} would have {cin} input and {cout} output channels: the spec's widths "
+                             "(channels, stem_width, base_width, widths) must give at least one")
         return ConvSpec(name, cin, cout, k, stride, pad, dilation, groups,
                         bias=bias or (self.fold_bn and normed))
 
     def norm(self, name: str, conv: ConvSpec) -> NormSpec:
         s = self.spec
+        if s.norm_layer == "groupnorm" and conv.out_ch % s.gn_groups:
+            raise ValueError(f"{name}: GroupNorm's {s.gn_groups} groups do not divide {conv.out_ch} channels")
         follows = conv.name if s.norm_layer == "batchnorm" else None
         n = NormSpec(name, conv.out_ch, s.bn_eps, s.norm_layer, s.gn_groups, follows=follows)
         self.all_norms.append(n)

@@ -163,7 +163,7 @@ def from_named_arrays(model_t: Any, arrays: Mapping[str, Any]) -> tuple[Any, eqx
 def load(path: str, *, dtype: Any = jnp.float32, num_classes: Optional[int] = None,
          in_chans: Optional[int] = None, features_only: Optional[bool] = None,
          out_indices: Optional[Sequence[int]] = None, global_pool: Optional[str] = None,
-         key: Optional[PRNGKeyArray] = None, cross_replica_axis: Optional[str] = None
+         key: Optional[PRNGKeyArray] = None, cross_replica_axis: Optional[str] = None, check: bool = True
          ) -> tuple[Any, eqx.nn.State]:
     """Load a converted `.safetensors` file: (model, state). The metadata and every key are
     checked against the architecture it names.
@@ -173,12 +173,13 @@ def load(path: str, *, dtype: Any = jnp.float32, num_classes: Optional[int] = No
     `key` (needed then), for fine-tuning (timm's `reset_classifier`); 0 gives the pooled
     features, and with `global_pool=""` the unpooled final map. `features_only=True` gives a model
     returning the list of feature maps at `out_indices` (0 the stem, 1-4 the stages; GoogLeNet:
-    `zoo.googlenet.FEATURE_TAPS`). `in_chans` adapts the input conv (timm's `adapt_input_conv`)."""
+    `zoo.googlenet.FEATURE_TAPS`). `in_chans` adapts the input conv (timm's `adapt_input_conv`).
+    `check=False` skips recomputing the content digest (the other checks stay)."""
     from ..io import load_file
 
     model, state = load_file(path, FRAMEWORK, dtype=dtype, key=key, num_classes=num_classes, in_chans=in_chans,
                              features_only=features_only, out_indices=out_indices,
-                             global_pool=global_pool).objects
+                             global_pool=global_pool, check=check).objects
     return with_cross_replica_axis(model, cross_replica_axis), state
 
 

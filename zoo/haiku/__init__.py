@@ -99,7 +99,8 @@ def from_named_arrays(params_t: Mapping, state_t: Mapping,
 def load(path: str, *, dtype: Any = jnp.float32, num_classes: Optional[int] = None,
          in_chans: Optional[int] = None, features_only: Optional[bool] = None,
          out_indices: Optional[Sequence[int]] = None, global_pool: Optional[str] = None, key: Any = None,
-         cross_replica_axis: Optional[str] = None) -> tuple[hk.TransformedWithState, hk.Params, hk.State]:
+         cross_replica_axis: Optional[str] = None, check: bool = True
+         ) -> tuple[hk.TransformedWithState, hk.Params, hk.State]:
     """Load a converted `.safetensors` file: (transformed, params, state). The metadata and every
     key are checked against the architecture it names.
 
@@ -108,13 +109,15 @@ def load(path: str, *, dtype: Any = jnp.float32, num_classes: Optional[int] = No
     `key` (default `jax.random.key(0)`), for fine-tuning (timm's `reset_classifier`); 0 gives the
     pooled features, and with `global_pool=""` the unpooled final map. `features_only=True` gives
     a network returning the feature maps at `out_indices` (0 the stem, 1-4 the stages; GoogLeNet:
-    `zoo.googlenet.FEATURE_TAPS`). `in_chans` adapts the input conv (timm's `adapt_input_conv`)."""
+    `zoo.googlenet.FEATURE_TAPS`). `in_chans` adapts the input conv (timm's `adapt_input_conv`).
+    `check=False` skips recomputing the content digest (the other checks stay)."""
     from ..io import load_file
 
     if key is None:
         key = jax.random.key(0)
     loaded = load_file(path, FRAMEWORK, key=key, num_classes=num_classes, in_chans=in_chans,
-                       features_only=features_only, out_indices=out_indices, global_pool=global_pool)
+                       features_only=features_only, out_indices=out_indices, global_pool=global_pool,
+                       check=check)
     params, state = loaded.objects
     return build(loaded.plan, dtype, cross_replica_axis), params, state
 
