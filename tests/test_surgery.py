@@ -33,23 +33,18 @@ from zoo.checked import ConversionError
 from zoo.io import FormatError, read_metadata
 from zoo.model import make_predict
 
-from .conftest import cached_random_model, rel_err
+from .conftest import cached_random_model, load_script, rel_err
 
 L1 = dict(layers=(1, 1, 1, 1))
 MODELS = {"ecaresnet26t": L1, "resnet50": L1, "googlenet": {}}
 SIZE = (67, 81)
 FRAMEWORKS = ("haiku", "equinox")
 
-# Surgery options, each checked against the PyTorch model with the same options; the framework
+# Surgery options (scripts/surgery_parity.py's, which runs them all at full depth in both
+# frameworks), each checked against the PyTorch model with the same options; the framework
 # alternates with the model so that both frameworks see every option over the three models.
-OPTIONS = {
-    "features": dict(features_only=True),
-    "features_1_3": dict(features_only=True, out_indices=(1, 3)),
-    "pooled": dict(num_classes=0),
-    "unpooled": dict(num_classes=0, global_pool=""),
-    "gray": dict(in_chans=1),
-    "rgbn_head7": dict(in_chans=4, num_classes=7),
-}
+OPTIONS = dict(zip(("features", "features_1_3", "pooled", "unpooled", "gray", "rgbn_head7"),
+                   load_script("surgery_parity").OPTIONS.values()))
 
 
 @functools.lru_cache(maxsize=None)

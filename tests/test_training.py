@@ -562,7 +562,9 @@ def test_readme_training_snippets_run(tmp_path, monkeypatch):
     assert np.isfinite(float(scope["metrics"]["loss"]))
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
+# Equinox only in CI (each run is ~1 min on 2 cores): the example's Haiku branch is the calls the
+# README's training snippet makes (load with a new head, train and eval steps), run above.
+@pytest.mark.parametrize("framework", ["equinox"])
 def test_finetune_example_learns(tmp_path, framework):
     """examples/finetune.py for a few dozen steps: the training loss falls."""
     out = tmp_path / "history.json"
