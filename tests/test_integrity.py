@@ -244,3 +244,13 @@ def test_pretrained_without_network_fails_fast_in_one_line(tmp_path, monkeypatch
                                           str(tmp_path / "p.safetensors")])
         assert result.exit_code == 1 and "unreachable and the weights are not in the local cache" in result.output
         assert len(result.output.strip().splitlines()) == 1 and time.perf_counter() - t0 < 10
+
+
+def test_metadata_that_changes_the_network_is_refused(good, tmp_path):
+    """Tensors intact, overrides changed to another valid network (blur-pooled): the digest of
+    the fields that define the network catches it."""
+    path = tmp_path / "aa.safetensors"
+    st_save(st_load(str(good)), str(path), metadata={**read_metadata(good), "overrides": '{"aa": "blur"}'})
+    with pytest.raises(FormatError, match="metadata .* was changed"):
+        zoo.load(path)
+    zoo.load(path, check=False)

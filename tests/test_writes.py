@@ -179,16 +179,25 @@ def test_only_dead_writers_temp_files_are_swept(tmp_path):
 
 
 def test_handlers_are_set_during_the_write_and_restored(tmp_path):
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    seen = {}
+    # Under pytest-xdist a worker may ignore SIGINT (and then atomic_write rightly leaves it
+    # alone): start from the handlers a plain Python process has.
+    outer = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = {s: signal.getsignal(s) for s in outer}
+        seen = {}
 
-    def write(tmp):
-        seen.update({s: signal.getsignal(s) for s in before})
-        Path(tmp).write_bytes(b"x")
+        def write(tmp):
+            seen.update({s: signal.getsignal(s) for s in before})
+            Path(tmp).write_bytes(b"x")
 
-    atomic_write(tmp_path / "f.bin", write)
-    assert all(getattr(h, "_zoo_temp_handler", False) for h in seen.values())
-    assert {s: signal.getsignal(s) for s in before} == before
+        atomic_write(tmp_path / "f.bin", write)
+        assert all(getattr(h, "_zoo_temp_handler", False) for h in seen.values())
+        assert {s: signal.getsignal(s) for s in before} == before
+    finally:
+        for s, h in outer.items():
+            signal.signal(s, h)
 
 
 def test_a_python_handler_decides(tmp_path):

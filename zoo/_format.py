@@ -88,10 +88,28 @@ def content_digest(per_tensor: Mapping[str, str]) -> str:
     return hashlib.sha256("".join(f"{k}\0{v}\n" for k, v in sorted(per_tensor.items())).encode()).hexdigest()
 
 
-def digest_metadata(arrays: Mapping[str, np.ndarray]) -> str:
+# The metadata fields that decide what network the tensors make: changing one (say, overrides
+# {"aa": "blur"}) would leave every tensor intact and change the outputs.
+ARCHITECTURE_FIELDS = ("framework", "arch", "overrides", "bn_folded")
+
+
+def architecture_digest(meta: Mapping[str, str]) -> str:
+    fields = {k: meta.get(k) for k in ARCHITECTURE_FIELDS}
+    try:  # the overrides' meaning, not their spelling
+        fields["overrides"] = json.loads(fields["overrides"] or "{}")
+    except (ValueError, RecursionError):
+        pass
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def digest_metadata(arrays: Mapping[str, np.ndarray], meta: Mapping[str, str] | None = None) -> str:
+    """The "digest" field: per-tensor digests, their content digest and (given the metadata) the
+    digest of the fields that define the network."""
     tensors = {k: tensor_digest(k, v) for k, v in arrays.items()}
-    return json.dumps({"algorithm": DIGEST_ALGORITHM, "content": content_digest(tensors), "tensors": tensors},
-                      sort_keys=True, separators=(",", ":"))
+    out = {"algorithm": DIGEST_ALGORITHM, "content": content_digest(tensors), "tensors": tensors}
+    if meta is not None:
+        out["architecture"] = architecture_digest(meta)
+    return json.dumps(out, sort_keys=True, separators=(",", ":"))
 
 
 def check_digests(name: str, meta: Mapping[str, str], arrays: Mapping[str, np.ndarray]) -> None:
@@ -100,7 +118,12 @@ def check_digests(name: str, meta: Mapping[str, str], arrays: Mapping[str, np.nd
         if meta.get("format_version") == "1":
             return  # written before zoo recorded digests
         raise FormatError(f"{name}: metadata lacks the content digest")
-    recorded = parse_digest(name, meta["digest"])["tensors"]
+    digest = parse_digest(name, meta["digest"])
+    if "architecture" in digest and digest["architecture"] != architecture_digest(meta):
+        raise FormatError(f"{name}: its metadata ({', '.join(ARCHITECTURE_FIELDS)}) was changed after the file "
+                          "was written: the tensors no longer describe the network it names (check=False / "
+                          "--no-verify-digest skips this check)")
+    recorded = digest["tensors"]
     for key in sorted(set(recorded) | set(arrays)):
         if key not in arrays or key not in recorded or tensor_digest(key, arrays[key]) != recorded[key]:
             raise FormatError(f"{name}: tensor {key} does not match the digest recorded when the file was "

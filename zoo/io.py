@@ -195,7 +195,8 @@ def save_file(path: str | os.PathLike, arrays: Mapping[str, Any], metadata: Mapp
     from safetensors.numpy import save_file as st_save
 
     tensors = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
-    metadata = {**metadata, "format_version": FORMAT_VERSION, "digest": digest_metadata(tensors)}
+    metadata = {**metadata, "format_version": FORMAT_VERSION}
+    metadata["digest"] = digest_metadata(tensors, metadata)
     return atomic_write(path, lambda tmp: st_save(tensors, tmp, metadata=dict(metadata)), force=force)
 
 
