@@ -286,7 +286,7 @@ def load_file(path: str | os.PathLike, framework: Optional[str] = None, *, dtype
     # Names and shapes from the header alone, on zero-stride stand-ins: nothing is allocated for
     # a tensor the architecture does not have.
     fit({k: stored.to_torch_layout(np.broadcast_to(np.float32(0), s)) for k, (_, s) in header.items()},
-        jax_key_or_none(key))
+        _shape_pass_key(key))
     try:
         raw = st_load(str(path))
     except Exception as e:  # safetensors' own checks (uncovered bytes, overlaps), untyped
@@ -329,7 +329,7 @@ def inspect_file(path: str | os.PathLike, *, check: bool = True) -> dict[str, An
     return out
 
 
-def jax_key_or_none(key: Any) -> Any:
+def _shape_pass_key(key: Any) -> Any:
     """The key for the header-only pass: a new classifier there is only shapes, so any key does."""
     if key is not None:
         return key
