@@ -15,7 +15,10 @@ from rich.text import Text
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="PyTorch CNNs (timm / torchvision) as dm-haiku and Equinox models, converted exactly.")
+                  help="PyTorch CNNs (timm / torchvision) as dm-haiku and Equinox models, converted exactly.",
+                  epilog="Compiled programs are kept in JAX's persistent compilation cache, "
+                         "$XDG_CACHE_HOME/zoo/jax (~/.cache/zoo/jax): ZOO_CACHE_DIR moves it, "
+                         "ZOO_COMPILATION_CACHE=0 turns it off.")
 console = Console()
 err_console = Console(stderr=True)
 _debug = {"on": False}
@@ -95,10 +98,29 @@ def _human(n: float) -> str:
 
 @app.command("list")
 def list_(pattern: str = typer.Argument("*", help="Glob over model names."),
-          as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
-    """List the registered architectures."""
+          as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+          pretrained: bool = typer.Option(False, "--pretrained",
+                                          help="List the pretrained weights timm and torchvision know for them.")) -> None:
+    """List the registered architectures (or, with --pretrained, their pretrained weights)."""
     from zoo import registry
 
+    if pretrained:
+        try:
+            from converters.pretrained import list_pretrained
+
+            rows = list_pretrained(pattern)
+        except Exception as e:  # noqa: BLE001
+            _fail(e)
+        if as_json:
+            print(json.dumps(rows))
+            return
+        table = Table(title=f"{len(rows)} pretrained weights for {len({r['model'] for r in rows})} models")
+        for col in ("convert with", "library"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["name"], r["library"])
+        console.print(table)
+        return
     names = registry.list_models(pattern)
     if as_json:
         print(json.dumps([{"name": n, "timm": registry.get(n).timm, "torchvision": registry.get(n).torchvision}
@@ -115,11 +137,22 @@ def list_(pattern: str = typer.Argument("*", help="Glob over model names."),
 
 @app.command()
 def convert(
-    name: str = typer.Argument(..., help="Architecture, e.g. resnet50 (see `zoo list`)."),
+    name: str = typer.Argument(..., help="Architecture, e.g. resnet50 (see `zoo list`); with --pretrained, "
+                                         "optionally a timm tag: resnet50.a1_in1k (see `zoo list --pretrained`)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c",
                                               help="PyTorch checkpoint: .pth/.pt/.bin/.safetensors."),
-    pretrained: bool = typer.Option(False, "--pretrained", help="Fetch weights via timm/torchvision (needs network)."),
+    pretrained: bool = typer.Option(False, "--pretrained",
+                                    help="Fetch weights via timm/torchvision (their caches first; HF_HUB_OFFLINE=1 "
+                                         "works) and record their preprocessing."),
     library: Optional[Library] = typer.Option(None, help="Library for --pretrained (default: timm when it has the model)."),
+    weights: Optional[str] = typer.Option(None, "--weights",
+                                          help="torchvision weights (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT); implies "
+                                               "--pretrained --library torchvision."),
+    data_config: Optional[str] = typer.Option(
+        None, "--data-config",
+        help="Preprocessing of one's own checkpoint, recorded for preprocess/predict: a JSON object "
+             "(timm's pretrained_cfg keys), a JSON file, or pretrained weights it shares it with "
+             "(resnet50.a1_in1k, resnet50:IMAGENET1K_V2)."),
     framework: Framework = typer.Option(..., "--framework", "-f"),
     out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
     fold_bn: bool = typer.Option(False, "--fold-bn", help="Fold BatchNorm into the preceding convs (inference only)."),
@@ -143,26 +176,39 @@ def convert(
 ) -> None:
     """Convert a PyTorch checkpoint into a zoo .safetensors file."""
     try:
+        from converters import pretrained as hub
         from converters.convert import convert_to_file
-        from converters.torch_models import pretrained_overrides, pretrained_state_dict
 
+        pretrained = pretrained or weights is not None
         if (checkpoint is None) == (not pretrained):
             raise ValueError("pass exactly one of --checkpoint FILE and --pretrained")
+        lib = library.value if library else None
+        arch = name
+        if pretrained:
+            arch, lib, _ = hub.resolve(name, lib, weights)  # bad tags fail before any download
+        elif "." in name:
+            raise ValueError(f"{name} names pretrained weights: pass --pretrained (or the architecture "
+                             f"{name.split('.')[0]} with --checkpoint)")
+        cfg = hub.data_config(data_config) if data_config else None
         if out.exists() and not force:
             raise FileExistsError(f"{out} exists; pass --force to overwrite")
         overrides = _overrides(num_classes, no_aux, transform_input, in_chans, features_only, out_indices)
         from zoo import registry
 
-        registry.get_spec(name, **overrides)  # bad options fail before any work
-        with console.status(f"converting {name} to {framework.value}…"):
-            if checkpoint is not None:
-                source = checkpoint
-            else:
-                lib = library.value if library else None
-                source = pretrained_state_dict(name, lib)
-                overrides = {**pretrained_overrides(name, lib), **overrides}
-            path = convert_to_file(name, source, framework.value, out, fold_bn=fold_bn, force=force,
-                                   overrides=overrides, seed=seed, allow_nonfinite=allow_nonfinite)
+        registry.get_spec(arch, **overrides)  # bad options fail before any work
+        info = None
+        if checkpoint is not None:
+            source = checkpoint
+        else:
+            # Not under a spinner: a download shows its own progress bar.
+            fetched = hub.fetch(name, lib, weights)
+            source, info = fetched.state_dict, fetched.source
+            overrides = {**fetched.overrides, **overrides}
+            cfg = cfg or fetched.cfg
+        with console.status(f"converting {arch} to {framework.value}…"):
+            path = convert_to_file(arch, source, framework.value, out, fold_bn=fold_bn, force=force,
+                                   overrides=overrides, seed=seed, allow_nonfinite=allow_nonfinite,
+                                   pretrained_cfg=cfg, source_info=info)
         console.print(f"wrote {path} ({_human(path.stat().st_size)})")
     except Exception as e:  # noqa: BLE001 - one line per error, traceback under --debug
         _fail(e)
@@ -266,6 +312,53 @@ def info(path: Path = typer.Argument(..., help="A zoo .safetensors file."),
 
 
 @app.command()
+def predict(path: Path = typer.Argument(..., help="A zoo .safetensors file with a classifier."),
+            images: list[Path] = typer.Argument(..., help="Image files (anything PIL opens)."),
+            top: int = typer.Option(5, "--top", help="How many classes to show per image."),
+            as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+            reference: bool = typer.Option(False, "--reference",
+                                           help="Also run the PyTorch model (the file's weights, PyTorch's own "
+                                                "transforms) and show it beside.")) -> None:
+    """Classify images with the preprocessing the file records (its pretrained config; ImageNet
+    defaults otherwise): top-k class names and probabilities."""
+    try:
+        from converters.predict import predict_images
+
+        result = predict_images(path, [str(p) for p in images], top=top, reference=reference)
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+    if as_json:
+        print(json.dumps(result, indent=1))
+        return
+    cfg = result["preprocessing"]
+    console.print(f"{result['arch']} ({result['framework']}); input {cfg.get('input_size', [3, 224, 224])[1:]}, "
+                  f"{cfg.get('interpolation', 'bilinear')}, labels: {result['label_set'] or 'class indices'}",
+                  highlight=False)
+    for row in result["images"]:
+        table = Table(title=escape(Path(row["image"]).name), title_justify="left")
+        table.add_column("#", justify="right")
+        table.add_column("zoo")
+        table.add_column("p", justify="right")
+        if reference:
+            table.add_column("PyTorch")
+            table.add_column("p", justify="right")
+        for i, t in enumerate(row["top"]):
+            cells = [str(i + 1), escape(t["name"]), f"{t['prob']:.4f}"]
+            if reference:
+                r = row["reference_top"][i]
+                cells += [escape(r["name"]), f"{r['prob']:.4f}"]
+            table.add_row(*cells)
+        console.print(table)
+    if reference:
+        ref = result["reference"]
+        verdict = "same top-k in every image" if ref["same_top_all"] else "top-k DIFFER"
+        console.print(f"PyTorch vs zoo: {verdict}; max |Δp| {ref['max_abs_prob_diff']:.2e}, "
+                      f"‖Δlogit‖/‖logit‖ {ref['rel_logit_diff']:.2e}", highlight=False)
+        if not ref["same_top_all"]:
+            raise typer.Exit(1)
+
+
+@app.command()
 def export(path: Path = typer.Argument(..., help="A zoo .safetensors file (either framework, not bn-folded)."),
            out: Path = typer.Option(..., "--out", "-o",
                                     help="PyTorch state dict to write: .pth, .pt or .safetensors."),
@@ -311,6 +404,80 @@ def random_checkpoint(
             else:
                 atomic_write(out, lambda tmp: torch.save(sd, tmp), force=force)
         console.print(f"wrote {out} ({_human(out.stat().st_size)})")
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+
+
+# `--size H [W]` and `--impl NAME ...`: click options take a fixed number of values, so the values
+# after the first arrive as extra arguments (integers: the width; names: more implementations).
+@app.command(context_settings={"allow_extra_args": True})
+def bench(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Architecture, e.g. resnet50 (see `zoo list`)."),
+    mode: str = typer.Option("inference", "--mode", help="inference, train (one training step) or both."),
+    batch: int = typer.Option(8, "--batch", min=1),
+    size: int = typer.Option(224, "--size", min=1, help="Input height, then the width if it differs: --size H [W]."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16 (zoo: bf16 compute, PyTorch: autocast)."),
+    device: Device = typer.Option(Device.auto, "--device"),
+    repeats: int = typer.Option(10, "--repeats", min=1, help="Timed calls; the median is reported."),
+    warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed calls after the first (compiling) one."),
+    impl: Optional[list[str]] = typer.Option(
+        None, "--impl", help="Implementations to run (default all): torch-eager-nchw, torch-eager-cl, "
+                             "torch-compile-cl, zoo-haiku, zoo-haiku-folded, zoo-equinox, zoo-equinox-folded "
+                             "(folded: inference only). --impl A B, --impl A --impl B or --impl A,B."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON (meta and rows)."),
+    chart_out: Optional[Path] = typer.Option(None, "--chart", help="Write a bar chart of images/s (PNG; needs matplotlib)."),
+) -> None:
+    """Time inference and/or a training step of zoo's Haiku and Equinox models beside PyTorch eager
+    (NCHW, channels_last) and torch.compile, in one run, on the same batch. Medians of synchronised
+    calls; the first (compiling) call is reported apart; ratios are within this run."""
+    try:
+        from zoo import _bench
+
+        modes = {"inference": ["inference"], "train": ["train"], "both": ["inference", "train"]}.get(mode)
+        if modes is None:
+            raise ValueError(f"--mode {mode!r}: expected inference, train or both")
+        if dtype not in _bench.DTYPES:
+            raise ValueError(f"--dtype {dtype!r}: expected float32 or bfloat16")
+        widths = [a for a in ctx.args if a.isdigit()]
+        names = [a for a in ctx.args if not a.isdigit()]
+        if len(widths) > 1 or (widths and ctx.get_parameter_source("size").name != "COMMANDLINE"):
+            raise ValueError(f"unexpected argument {widths[-1]!r}; --size takes a height and at most one width")
+        if names and not impl:
+            raise ValueError(f"unexpected argument {names[0]!r}")
+        impls = _bench.select_impls([*(impl or []), *names])
+        hw = (size, int(widths[0])) if widths else (size, size)
+        if hw[1] < 1:
+            raise ValueError("--size: the width must be positive")
+        for out in (json_out, chart_out):
+            if out is not None:
+                from zoo.io import check_output_path
+
+                check_output_path(out)  # before minutes of measuring, not after
+        if chart_out is not None:
+            _bench._import_figure()
+
+        def saved(results: dict) -> None:
+            if json_out is not None:  # after every row: an interrupted run keeps what it measured
+                _bench.write_json(results, json_out)
+
+        with console.status(f"{name}: starting…") as status:
+            results = _bench.run(name, modes=modes, impls=impls, batch=batch, size=hw, dtype=dtype,
+                                 device=device.value, repeats=repeats, warmup=warmup,
+                                 on_start=lambda m, i: status.update(f"{name}: {m}, {i}…"), on_row=saved)
+        for table in _bench.tables(results):
+            console.print(table)
+        m = results["meta"]
+        console.print(f"jax {m['versions']['jax']} on {escape(m['jax_device'])}, torch {m['versions']['torch']} on "
+                      f"{m['torch_device']} ({m['cpu']['torch_threads']} threads); medians of {repeats} calls after "
+                      f"{warmup} warm-up; vs: baseline median / this median; first s: the first (compiling) call",
+                      highlight=False)
+        if json_out is not None:
+            _bench.write_json(results, json_out)
+            console.print(f"wrote {json_out}")
+        if chart_out is not None:
+            _bench.chart(results, chart_out)
+            console.print(f"wrote {chart_out}")
     except Exception as e:  # noqa: BLE001
         _fail(e)
 

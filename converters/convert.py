@@ -86,11 +86,13 @@ def drop_unused_aux(arch: str, sd: Mapping[str, np.ndarray], spec: Any) -> Mappi
 
 def convert_state_dict(arch: str, sd: Mapping[str, np.ndarray], framework: str, *, fold_bn: bool = False,
                        overrides: Optional[Mapping[str, Any]] = None,
-                       source: Optional[Mapping[str, str]] = None, dtype: Any = None, seed: int = 0) -> Converted:
+                       source: Optional[Mapping[str, str]] = None, dtype: Any = None, seed: int = 0,
+                       pretrained_cfg: Optional[Mapping[str, Any]] = None) -> Converted:
     """`overrides` are the architecture's options; surgery options among them (num_classes,
     in_chans, features_only, out_indices, global_pool) that differ from what the checkpoint holds
     make another head or input from it: a new classifier initialised from `seed` as PyTorch's
-    nn.Linear, the pooled or unpooled features, a feature extractor, an adapted input conv."""
+    nn.Linear, the pooled or unpooled features, a feature extractor, an adapted input conv.
+    `pretrained_cfg`: the preprocessing the weights expect, recorded in the metadata."""
     if source is None:
         source = {"kind": "in-memory", "digest": state_dict_digest(sd)}
     arch_options, surgery = split_surgery(overrides or {})
@@ -116,16 +118,18 @@ def convert_state_dict(arch: str, sd: Mapping[str, np.ndarray], framework: str, 
     arrays = checked_merge(sd, ad.target_shapes(template), ad.from_torch_layout,
                            context=f"checkpoint does not fit {arch}{' (bn folded)' if fold_bn else ''}")
     meta = build_metadata(framework=framework, arch=arch, overrides=overrides, fold_bn=fold_bn,
-                          source=source)
+                          source=source, pretrained_cfg=pretrained_cfg)
     return Converted(Loaded(ad.fill(template, arrays), plan, meta, framework), arrays)
 
 
 def convert(arch: str, source: Source, framework: str, *, fold_bn: bool = False,
             overrides: Optional[Mapping[str, Any]] = None, dtype: Any = None, seed: int = 0,
-            allow_nonfinite: bool = False) -> Converted:
+            allow_nonfinite: bool = False, pretrained_cfg: Optional[Mapping[str, Any]] = None,
+            source_info: Optional[Mapping[str, str]] = None) -> Converted:
     """Convert a checkpoint file, a state dict or an `nn.Module` for `arch` into `framework`
     (surgery options in `overrides`: see `convert_state_dict`). A checkpoint with NaN or Inf
-    values is refused unless `allow_nonfinite`."""
+    values is refused unless `allow_nonfinite`. `source_info` adds to what the file records of its
+    source (pretrained weights: library and name)."""
     registry.get(arch)  # fail on an unknown name before reading a large file
     if overrides:
         registry.get_spec(arch, **overrides)  # and on bad options
@@ -134,7 +138,8 @@ def convert(arch: str, source: Source, framework: str, *, fold_bn: bool = False,
         preflight(arch, safetensors_shapes(source), overrides)
     sd = load_state_dict(source, allow_nonfinite=allow_nonfinite)
     return convert_state_dict(arch, sd, framework, fold_bn=fold_bn, overrides=overrides,
-                              source=provenance(source, sd), dtype=dtype, seed=seed)
+                              source={**provenance(source, sd), **(source_info or {})}, dtype=dtype, seed=seed,
+                              pretrained_cfg=pretrained_cfg)
 
 
 def preflight(arch: str, shapes: Mapping[str, tuple[int, ...]], overrides: Optional[Mapping[str, Any]]) -> None:
@@ -170,11 +175,12 @@ def state_dict_digest(sd: Mapping[str, np.ndarray]) -> str:
 def convert_to_file(arch: str, source: Source, framework: str, out: str | os.PathLike, *,
                     fold_bn: bool = False, force: bool = False,
                     overrides: Optional[Mapping[str, Any]] = None, seed: int = 0,
-                    allow_nonfinite: bool = False) -> Path:
+                    allow_nonfinite: bool = False, pretrained_cfg: Optional[Mapping[str, Any]] = None,
+                    source_info: Optional[Mapping[str, str]] = None) -> Path:
     check_output_path(out)  # a missing or read-only folder fails before any work
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to overwrite")
     converted = convert(arch, source, framework, fold_bn=fold_bn, overrides=overrides, seed=seed,
-                        allow_nonfinite=allow_nonfinite)
+                        allow_nonfinite=allow_nonfinite, pretrained_cfg=pretrained_cfg, source_info=source_info)
     return save_file(out, converted.arrays, converted.loaded.metadata, force=force)

@@ -68,8 +68,28 @@ def jax_device(device: str):
     if gpus:
         return gpus[0]
     if device == "gpu":
-        raise RuntimeError("--device gpu: JAX sees no GPU")
+        raise RuntimeError("--device gpu: JAX sees no GPU " + gpu_install_hint())
     return jax.devices("cpu")[0]
+
+
+def gpu_install_hint() -> str:
+    """Why JAX has no GPU and the install line that gives it one (the CUDA plugin must match the
+    CUDA major version of the installed torch, whose CUDA libraries it shares)."""
+    import jax
+
+    backends = sorted({d.platform for d in jax.devices()})
+    cuda = None
+    try:
+        import torch
+
+        cuda = torch.version.cuda
+    except ImportError:
+        pass
+    major = (cuda or "13").split(".")[0]
+    extra = "gpu" if major == "13" else f"gpu-cuda{major}"
+    torch_says = f"torch uses CUDA {cuda}" if cuda else "torch has no CUDA build"
+    return (f"(JAX's backends: {', '.join(backends)}; {torch_says}). On a machine with an NVIDIA GPU, install "
+            f"JAX's CUDA {major} plugin: pip install -e '.[{extra}]' (= jax[cuda{major}]), or pass --device cpu")
 
 
 def torch_device(device: str) -> str:

@@ -18,12 +18,18 @@ import argparse
 import datetime
 import fnmatch
 import json
+import os
 import platform
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -267,17 +273,20 @@ def add_gradients(out: Path, patterns: list[str], timeout: float) -> None:
     todo = [r for r in rows if any(fnmatch.fnmatch(r["name"], p) for p in patterns)]
     todo.sort(key=lambda r: _param_estimate(r["name"]))
     t0 = time.time()
-    for i, row in enumerate(todo):
-        res = _check_in_subprocess(row["name"], timeout, flag="--one-gradients")
-        row["gradients"] = res.get("gradients", [])
-        if not row["gradients"] or not all(g["finite"] for g in row["gradients"]):
-            row["passed"] = False
-            row["reason"] = "; ".join(filter(None, [row["reason"], res.get("reason") or "jitted gradient not finite"]))
-        print(f"[{i + 1}/{len(todo)}] {row['name']}: "
-              f"{'finite' if row['gradients'] and all(g['finite'] for g in row['gradients']) else 'FAIL'} "
-              f"({res.get('seconds', 0):.0f}s)", flush=True)
-        data["meta"]["gradient_seconds"] = round(time.time() - t0, 1)
-        _write(rows, [r["name"] for r in rows], data["meta"], out)
+    with ModelProgress([r["name"] for r in todo]) as bar:
+        for i, row in enumerate(todo):
+            bar.start(row["name"])
+            res = _check_in_subprocess(row["name"], timeout, flag="--one-gradients")
+            row["gradients"] = res.get("gradients", [])
+            if not row["gradients"] or not all(g["finite"] for g in row["gradients"]):
+                row["passed"] = False
+                row["reason"] = "; ".join(filter(None, [row["reason"], res.get("reason") or "jitted gradient not finite"]))
+            print(f"[{i + 1}/{len(todo)}] {row['name']}: "
+                  f"{'finite' if row['gradients'] and all(g['finite'] for g in row['gradients']) else 'FAIL'} "
+                  f"({res.get('seconds', 0):.0f}s)", flush=True)
+            data["meta"]["gradient_seconds"] = round(time.time() - t0, 1)
+            _write(rows, [r["name"] for r in rows], data["meta"], out)
+            bar.finish(row["name"])
 
 
 def _check_in_subprocess(name: str, timeout: float, flag: str = "--one") -> dict[str, Any]:
@@ -295,6 +304,76 @@ def _check_in_subprocess(name: str, timeout: float, flag: str = "--one") -> dict
     killed = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
     return {"name": name, "results": [], "passed": False, "seconds": round(time.time() - t0, 1),
             "reason": f"process exited with {proc.returncode}{killed}: {tail}"}
+
+
+# Seconds per model in the 2026-11-25 sweep fit 11 s + 0.18 s per million parameters: a model's
+# share of the ETA is its parameter count plus this fixed cost (models run smallest first, so a
+# count of models would promise the end far too early).
+_FIXED_COST_PARAMS = 60_000_000
+
+
+_TYPICAL_PARAMS = 25_000_000  # for a model whose plan cannot be built (it will fail fast anyway)
+
+
+def _stdout_is_pipe() -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode)
+    except (AttributeError, OSError, ValueError):  # replaced or closed stdout: assume the worst
+        return True
+
+
+class ModelProgress:
+    """A rich progress bar over models (the current one's name, models done, elapsed, ETA) on
+    stderr, drawn only where stderr is a terminal: logged output stays as it was.
+
+    The log lines keep going to stdout. Where stdout is the same terminal, rich prints them above
+    the bar (redirect_stdout); where it is a file, it is left alone. Where it is a pipe there is no
+    bar: `| tee` would write the lines into the terminal behind rich's back, across the bar."""
+
+    def __init__(self, names: list[str]):
+        estimates = {n: _param_estimate(n) for n in names}
+        self.weights = {n: float(e if e < 1 << 62 else _TYPICAL_PARAMS) + _FIXED_COST_PARAMS
+                        for n, e in estimates.items()}
+        self.count, self.done = len(names), 0
+        self.progress: Optional[Progress] = None
+        self.task: Any = None
+
+    def __enter__(self) -> "ModelProgress":
+        console = Console(stderr=True)
+        stdout_tty = sys.stdout.isatty()
+        if console.is_terminal and self.count and (stdout_tty or not _stdout_is_pipe()):
+            self.progress = Progress(
+                SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(),
+                TextColumn("{task.fields[done]}/{task.fields[count]} models"), TimeElapsedColumn(),
+                _EtaColumn(), console=console, redirect_stdout=stdout_tty, redirect_stderr=True)
+            self.progress.start()
+            self.task = self.progress.add_task("", total=sum(self.weights.values()), done=0, count=self.count)
+        return self
+
+    def start(self, name: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, description=name)
+
+    def finish(self, name: str) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress.update(self.task, advance=self.weights.get(name, 0.0), done=self.done)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, description="done" if exc[0] is None else "stopped")
+            self.progress.stop()
+
+
+class _EtaColumn(ProgressColumn):
+    """Time left at the mean rate so far: rich's own estimate looks at the last 30 s only, which
+    often holds no finished model at all."""
+
+    def render(self, task: Any) -> Text:
+        if not task.completed or task.elapsed is None:
+            return Text("ETA -:--:--", style="progress.remaining")
+        left = task.elapsed * (task.total - task.completed) / task.completed
+        return Text(f"ETA {datetime.timedelta(seconds=int(left))}", style="progress.remaining")
 
 
 def _param_estimate(name: str) -> int:
@@ -331,13 +410,16 @@ def run_sweep(names: Iterable[str], out: Path, *, isolate: bool = True, timeout:
     t0 = time.time() - sum(r.get("seconds", 0) for r in done.values() if r["name"] in names)
     rows = [done[n] for n in names if n in done]
     todo = sorted((n for n in names if n not in done and n not in EXCLUDED), key=_param_estimate)
-    for i, name in enumerate(todo):
-        row = _check_in_subprocess(name, timeout) if isolate else check_model(name)
-        rows.append(row)
-        log(f"[{i + 1}/{len(todo)}] {name}: {'pass' if row['passed'] else 'FAIL ' + row['reason']} "
-            f"({row.get('seconds', 0):.0f}s)")
-        meta["seconds"] = round(time.time() - t0, 1)
-        _write(rows, names, meta, out)
+    with ModelProgress(todo) as bar:
+        for i, name in enumerate(todo):
+            bar.start(name)
+            row = _check_in_subprocess(name, timeout) if isolate else check_model(name)
+            rows.append(row)
+            log(f"[{i + 1}/{len(todo)}] {name}: {'pass' if row['passed'] else 'FAIL ' + row['reason']} "
+                f"({row.get('seconds', 0):.0f}s)")
+            meta["seconds"] = round(time.time() - t0, 1)
+            _write(rows, names, meta, out)
+            bar.finish(name)
     meta["seconds"] = round(time.time() - t0, 1)
     meta["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     _write(rows, names, meta, out)

@@ -1,8 +1,13 @@
 import functools
+import os
 import importlib.util
 from pathlib import Path
 
-import jax
+# Tests compile into no shared cache (zoo's default is the user's cache folder); tests of the cache
+# itself run their own processes with their own directory.
+os.environ["ZOO_COMPILATION_CACHE"] = "0"
+
+import jax  # noqa: E402
 import numpy as np
 import pytest
 

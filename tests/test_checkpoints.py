@@ -8,7 +8,6 @@ import torch
 
 from converters.convert import convert
 from converters.state_dict import CheckpointError, load_state_dict
-from converters.torch_models import pretrained_state_dict
 from zoo.checked import ConversionError
 
 from .conftest import cached_random_model
@@ -100,12 +99,19 @@ def test_unknown_architecture():
 def test_pretrained_offline_says_to_pass_a_file(monkeypatch):
     import timm
 
+    from converters import pretrained
+
+    create = timm.create_model
+
     def offline(*args, **kwargs):
-        raise ConnectionError("no network")
+        if kwargs.get("pretrained"):
+            raise ConnectionError("no network")
+        return create(*args, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setattr(pretrained, "_reachable", lambda host, timeout=2.0: True)
     with pytest.raises(RuntimeError, match="--checkpoint FILE"):
-        pretrained_state_dict("resnet18")
+        pretrained.fetch("resnet18")
 
 
 # --- integrity: damaged files, wrong dtypes, non-finite values, files that are no state dict -----

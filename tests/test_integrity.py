@@ -231,9 +231,9 @@ def test_verify_arguments_fail_before_any_work(tmp_path, args, message):
 
 
 def test_pretrained_without_network_fails_fast_in_one_line(tmp_path, monkeypatch):
-    import converters.torch_models as tm
+    import converters.pretrained as hub
 
-    monkeypatch.setattr(tm, "_reachable", lambda host, timeout=2.0: False)
+    monkeypatch.setattr(hub, "_reachable", lambda host, timeout=2.0: False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     __import__("timm"), __import__("torchvision")  # imports are not what is timed: the fetch is
@@ -242,7 +242,8 @@ def test_pretrained_without_network_fails_fast_in_one_line(tmp_path, monkeypatch
         t0 = time.perf_counter()
         result = CliRunner().invoke(app, ["convert", arch, "--pretrained", "-f", "haiku", "-o",
                                           str(tmp_path / "p.safetensors")])
-        assert result.exit_code == 1 and "unreachable and the weights are not in the local cache" in result.output
+        assert result.exit_code == 1 and "not in the local cache at" in result.output
+        assert ("models--timm--" if arch == "resnet18" else "googlenet-") in result.output  # the cache path tried
         assert len(result.output.strip().splitlines()) == 1 and time.perf_counter() - t0 < 10
 
 

@@ -89,16 +89,22 @@ def content_digest(per_tensor: Mapping[str, str]) -> str:
 
 
 # The metadata fields that decide what network the tensors make: changing one (say, overrides
-# {"aa": "blur"}) would leave every tensor intact and change the outputs.
+# {"aa": "blur"}) would leave every tensor intact and change the outputs. The preprocessing the
+# weights expect (pretrained_cfg) changes what a photo gives as much, so it is covered when present
+# (files without one keep the digest they were written with).
 ARCHITECTURE_FIELDS = ("framework", "arch", "overrides", "bn_folded")
+OPTIONAL_DIGESTED_FIELDS = ("pretrained_cfg",)
 
 
 def architecture_digest(meta: Mapping[str, str]) -> str:
     fields = {k: meta.get(k) for k in ARCHITECTURE_FIELDS}
-    try:  # the overrides' meaning, not their spelling
-        fields["overrides"] = json.loads(fields["overrides"] or "{}")
-    except (ValueError, RecursionError):
-        pass
+    fields.update({k: meta[k] for k in OPTIONAL_DIGESTED_FIELDS if k in meta})
+    for k in ("overrides", *OPTIONAL_DIGESTED_FIELDS):
+        if k in fields:
+            try:  # the meaning, not the spelling
+                fields[k] = json.loads(fields[k] or "{}")
+            except (ValueError, RecursionError):
+                pass
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -120,7 +126,8 @@ def check_digests(name: str, meta: Mapping[str, str], arrays: Mapping[str, np.nd
         raise FormatError(f"{name}: metadata lacks the content digest")
     digest = parse_digest(name, meta["digest"])
     if "architecture" in digest and digest["architecture"] != architecture_digest(meta):
-        raise FormatError(f"{name}: its metadata ({', '.join(ARCHITECTURE_FIELDS)}) was changed after the file "
+        fields = ", ".join((*ARCHITECTURE_FIELDS, *(k for k in OPTIONAL_DIGESTED_FIELDS if k in meta)))
+        raise FormatError(f"{name}: its metadata ({fields}) was changed after the file "
                           "was written: the tensors no longer describe the network it names (check=False / "
                           "--no-verify-digest skips this check)")
     recorded = digest["tensors"]
@@ -189,6 +196,15 @@ def validate_metadata(name: str, meta: Mapping[str, str]) -> dict[str, Any]:
             raise bad("source", "is not JSON") from None
         if not isinstance(source, dict):
             raise bad("source", "is not a JSON object")
+    cfg: Any = None
+    if "pretrained_cfg" in meta:
+        from ._preprocess import validate_cfg
+
+        try:
+            cfg = json.loads(meta["pretrained_cfg"])
+            validate_cfg(cfg)
+        except (ValueError, RecursionError) as e:
+            raise bad("pretrained_cfg", f"is not a valid preprocessing config: {str(e)[:200]}") from None
     if "digest" in meta:
         parse_digest(name, meta["digest"])
-    return {"overrides": overrides, "source": source, "spec": spec, "fold_bn": meta["bn_folded"] == "true"}
+    return {"pretrained_cfg": cfg, "overrides": overrides, "source": source, "spec": spec, "fold_bn": meta["bn_folded"] == "true"}

@@ -33,8 +33,19 @@ FORMAT_VERSION = "2"  # 2: a content digest in the metadata ("digest"); version 
 
 
 def build_metadata(*, framework: str, arch: str, overrides: Mapping[str, Any], fold_bn: bool,
-                   source: Mapping[str, str]) -> dict[str, str]:
+                   source: Mapping[str, str], pretrained_cfg: Optional[Mapping[str, Any]] = None
+                   ) -> dict[str, str]:
+    """`pretrained_cfg`: the preprocessing the weights expect (timm's pretrained_cfg keys; see
+    zoo._preprocess), recorded for `zoo.Model.preprocess`. A new classifier (surgery) keeps the
+    preprocessing but not the label set."""
     spec = registry.get_spec(arch, **overrides)
+    extra = {}
+    if pretrained_cfg is not None:
+        cfg = dict(pretrained_cfg)
+        if cfg.get("num_classes") not in (None, spec.num_classes):
+            cfg.pop("label_set", None)
+        cfg["num_classes"] = spec.num_classes
+        extra["pretrained_cfg"] = json.dumps(cfg, sort_keys=True)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -46,6 +57,7 @@ def build_metadata(*, framework: str, arch: str, overrides: Mapping[str, Any], f
         "layout": adapter(framework).layout,
         "bn_folded": "true" if fold_bn else "false",
         "source": json.dumps(dict(source), sort_keys=True),
+        **extra,
     }
 
 
@@ -296,8 +308,9 @@ def load_file(path: str | os.PathLike, framework: Optional[str] = None, *, dtype
         check_digests(name, meta, raw)
     merged = fit({k: stored.to_torch_layout(v) for k, v in raw.items()}, key)
     if new_plan != plan:
+        cfg = json.loads(meta["pretrained_cfg"]) if "pretrained_cfg" in meta else None
         meta = build_metadata(framework=target.name, arch=meta["arch"], overrides=new, fold_bn=fold_bn,
-                              source=json.loads(meta.get("source", "{}")))
+                              source=json.loads(meta.get("source", "{}")), pretrained_cfg=cfg)
     return Loaded(target.fill(template, merged), new_plan, meta, target.name)
 
 

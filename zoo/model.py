@@ -7,9 +7,13 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
+from . import _cache
 from .io import Loaded, load_file
+
+_cache.enable()  # before anything is compiled: see zoo/_cache.py
 
 
 class Model:
@@ -37,6 +41,36 @@ class Model:
     def objects(self) -> Any:
         """Haiku (params, state) or Equinox (model, state)."""
         return self.loaded.objects
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """The preprocessing config recorded with the weights (timm's `pretrained_cfg`, or for
+        torchvision weights one with `resize_size`: see `zoo._preprocess.validate_cfg`); timm's
+        defaults (`zoo._preprocess.default_cfg()`) when the file records none."""
+        import json
+
+        from ._preprocess import default_cfg
+
+        raw = self.metadata.get("pretrained_cfg")
+        if raw is None:
+            return default_cfg()
+        try:
+            cfg = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise ValueError("metadata field 'pretrained_cfg' is not JSON") from None
+        if not isinstance(cfg, dict):
+            raise ValueError("metadata field 'pretrained_cfg' is not a JSON object")
+        return cfg
+
+    def preprocess(self, image: Any) -> np.ndarray:
+        """One image (a PIL image, a path, or a uint8 (H, W, 3) array; converted to RGB) as the
+        (C, H, W) float32 array that the weights' own eval transform gives: timm's
+        `create_transform(**resolve_data_config({}, model=m))`, or torchvision's
+        `weights.transforms()`, per `pretrained_cfg`. `predict` takes a batch, so stack images
+        first: `model.predict(np.stack([model.preprocess(im) for im in images]))`."""
+        from ._preprocess import preprocess
+
+        return preprocess(image, self.pretrained_cfg)
 
     def predict(self, images: Float[Any, "N C H W"]) -> Float[Array, "N K"]:
         return self._predict(jnp.asarray(images, jnp.float32))

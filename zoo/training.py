@@ -49,7 +49,10 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from . import _cache
 from .googlenet import GoogLeNetOutputs
+
+_cache.enable()  # before anything is compiled: see zoo/_cache.py
 
 __all__ = ["TrainState", "DynamicLossScale", "decay_mask", "make_train_step", "make_shard_map_train_step", "make_eval_step",
            "classification_loss",

@@ -20,12 +20,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
-from .. import registry
+from .. import _cache, registry
 from ..googlenet import GoogLeNetPlan
 from ..spec import ResNetPlan
 from .googlenet import GoogLeNet
 from .layers import BATCH_AXIS, BatchNorm
 from .resnet import ResNet
+
+_cache.enable()  # before anything is compiled: see zoo/_cache.py
 
 FRAMEWORK = "equinox"
 LAYOUT = "conv OIHW, linear (out, in), CHW activations (as PyTorch)"
@@ -148,12 +150,12 @@ def from_named_arrays(model_t: Any, arrays: Mapping[str, Any]) -> tuple[Any, eqx
         name = _dotted(path)
         if _is_index(leaf):
             base = name[: -len(_STATE_FIELD) - 1]
-            index = eqx.nn.StateIndex(tuple(jnp.asarray(arrays[f"{base}.{n}"]) for n in _STATE_LEAVES))
+            index = eqx.nn.StateIndex(tuple(jax.device_put(arrays[f"{base}.{n}"]) for n in _STATE_LEAVES))
             # Keep the template's marker so states from `create` and from files are compatible.
             object.__setattr__(index, "marker", leaf.marker)
             leaf = index
         elif _is_leaf_array(leaf):
-            leaf = jnp.asarray(arrays[name])
+            leaf = jax.device_put(arrays[name])
         leaves.append(leaf)
     model = jax.tree_util.tree_unflatten(treedef, leaves)
     state = eqx.nn.State(model)

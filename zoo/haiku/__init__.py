@@ -16,13 +16,15 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from .. import registry
+from .. import _cache, registry
 from ..googlenet import GoogLeNetPlan
 from ..naming import HAIKU_LEAVES, haiku_from_torch_layout, torch_module
 from ..spec import ResNetPlan
 from .googlenet import googlenet_forward
 from .layers import cross_replica
 from .resnet import resnet_forward
+
+_cache.enable()  # before anything is compiled: see zoo/_cache.py
 
 FRAMEWORK = "haiku"
 LAYOUT = "conv HWIO, linear (in, out), NHWC activations"
@@ -90,7 +92,7 @@ def from_named_arrays(params_t: Mapping, state_t: Mapping,
     by `zoo.checked.checked_merge`)."""
 
     def fill(tree: Mapping) -> dict:
-        return {m: {leaf: jnp.asarray(arrays[f"{torch_module(m)}.{HAIKU_LEAVES[leaf]}"])
+        return {m: {leaf: jax.device_put(arrays[f"{torch_module(m)}.{HAIKU_LEAVES[leaf]}"])
                     for leaf in leaves} for m, leaves in tree.items()}
 
     return fill(params_t), fill(state_t)

@@ -1,0 +1,144 @@
+"""Start-up: the first call of a jitted zoo function in a fresh process, with zoo's persistent
+compilation cache off, cold (an empty cache directory) and warm (the directory a previous process
+filled). Prints a table and writes JSON.
+
+    python benchmarks/bench_startup.py --repeats 3 --out benchmarks/results/startup_cpu.json
+
+Each measurement is its own Python process (what a user starting a script sees): the time of the
+first call (tracing, lowering, compilation or the cache lookup, one execution) and of the second
+call (execution alone), measured inside the process. `overhead` = first - second: what the cache
+can remove. Ratios are cold/warm from the same run; the machine is shared, so medians of
+`--repeats` processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = r"""
+import json, sys, time
+spec = json.loads(sys.argv[1])
+import jax, jax.numpy as jnp, numpy as np
+if spec["kind"] == "predict":
+    import zoo
+    model = zoo.load(spec["file"])
+    x = np.zeros((spec["batch"], 3, spec["size"], spec["size"]), np.float32)
+    call = lambda: jax.block_until_ready(model.predict(x))
+else:
+    import optax, zoo.training as zt
+    tx = optax.sgd(0.1, momentum=0.9)
+    y = jnp.zeros((spec["batch"],), jnp.int32)
+    if spec["framework"] == "haiku":
+        import zoo.haiku
+        x = jnp.zeros((spec["batch"], spec["size"], spec["size"], 3))
+        net = zoo.haiku.create(spec["arch"])
+        params, st = net.init(jax.random.key(0), x, is_training=True)
+        ts, step = zt.TrainState.create(params, st, tx), zt.make_train_step(net, tx)
+    else:
+        import zoo.equinox
+        x = jnp.zeros((spec["batch"], 3, spec["size"], spec["size"]))
+        m, st = zoo.equinox.create(spec["arch"], key=jax.random.key(0))
+        ts, step = zt.TrainState.create(m, st, tx), zt.make_train_step(m, tx)
+    holder = {"ts": ts}
+    def call():
+        holder["ts"], metrics = step(holder["ts"], x, y)
+        jax.block_until_ready(metrics["loss"])
+t0 = time.perf_counter(); call(); t1 = time.perf_counter(); call(); t2 = time.perf_counter()
+print(json.dumps({"first_s": t1 - t0, "second_s": t2 - t1}))
+"""
+
+
+def _child(spec: dict, env: dict) -> dict:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("ZOO_", "JAX_COMPILATION_CACHE"))}
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], cwd=ROOT, env={**base, **env},
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _zoo_file(arch: str, framework: str, folder: str) -> str:
+    from converters.convert import convert
+    from converters.state_dict import load_state_dict
+    from converters.torch_models import random_model
+    from zoo.io import save_file
+
+    out = os.path.join(folder, f"{arch}_{framework}.safetensors")
+    converted = convert(arch, load_state_dict(random_model(arch)), framework)
+    save_file(out, converted.arrays, converted.loaded.metadata)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--predict-archs", nargs="*", default=["googlenet", "resnet50"])
+    ap.add_argument("--train-archs", nargs="*", default=["resnet50"])
+    ap.add_argument("--frameworks", nargs="+", default=["haiku", "equinox"])
+    ap.add_argument("--batch", type=int, default=1, help="predict batch")
+    ap.add_argument("--size", type=int, default=224, help="predict image size")
+    ap.add_argument("--train-batch", type=int, default=4)
+    ap.add_argument("--train-size", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="benchmarks/results/startup_cpu.json")
+    args = ap.parse_args()
+
+    import jax
+    import torch
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = []
+        for arch in args.predict_archs:
+            for fw in args.frameworks:
+                work.append({"kind": "predict", "arch": arch, "framework": fw, "file": _zoo_file(arch, fw, tmp),
+                             "batch": args.batch, "size": args.size})
+        for arch in args.train_archs:
+            for fw in args.frameworks:
+                work.append({"kind": "train step", "arch": arch, "framework": fw,
+                             "batch": args.train_batch, "size": args.train_size})
+        for spec in work:
+            runs: dict[str, list[dict]] = {"off": [], "cold": [], "warm": []}
+            for r in range(args.repeats):
+                cache = os.path.join(tmp, f"cache-{len(rows)}-{r}")
+                runs["off"].append(_child(spec, {"ZOO_COMPILATION_CACHE": "0"}))
+                runs["cold"].append(_child(spec, {"ZOO_CACHE_DIR": cache}))
+                runs["warm"].append(_child(spec, {"ZOO_CACHE_DIR": cache}))
+            row = {k: v for k, v in spec.items() if k != "file"}
+            for mode, rs in runs.items():
+                row[f"{mode}_first_s"] = statistics.median(x["first_s"] for x in rs)
+                row[f"{mode}_overhead_s"] = statistics.median(x["first_s"] - x["second_s"] for x in rs)
+                row[f"{mode}_runs"] = rs
+            row["speedup_first"] = row["cold_first_s"] / row["warm_first_s"]
+            row["speedup_overhead"] = row["cold_overhead_s"] / row["warm_overhead_s"]
+            rows.append(row)
+            print(f"{spec['kind']:10s} {spec['arch']:10s} {spec['framework']:8s} first call: off "
+                  f"{row['off_first_s']:.2f}s, cold {row['cold_first_s']:.2f}s, warm {row['warm_first_s']:.2f}s "
+                  f"({row['speedup_first']:.1f}x); overhead cold {row['cold_overhead_s']:.2f}s -> warm "
+                  f"{row['warm_overhead_s']:.2f}s ({row['speedup_overhead']:.1f}x)", flush=True)
+    result = {"config": vars(args), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+              "jax": jax.__version__, "jax_devices": [str(d) for d in jax.devices()], "torch": torch.__version__,
+              "rows": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print("| workload | model | framework | first call, cache off | cold | warm | cold/warm | "
+          "overhead cold | overhead warm | cold/warm |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['kind']} | {r['arch']} | {r['framework']} | {r['off_first_s']:.2f} s | {r['cold_first_s']:.2f} s | "
+              f"{r['warm_first_s']:.2f} s | {r['speedup_first']:.1f}× | {r['cold_overhead_s']:.2f} s | "
+              f"{r['warm_overhead_s']:.2f} s | {r['speedup_overhead']:.1f}× |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""`zoo bench` and zoo._bench: what it runs, what it writes. The timings themselves are not
+checked (one call each on a shared machine); their bookkeeping is."""
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from zoo import _bench
+
+runner = CliRunner()
+ARCH = "test_resnet"  # a 1.9 MB ResNet: the cheapest model both libraries have
+CHEAP = ["--batch", "2", "--repeats", "1", "--warmup", "0"]
+NO_COMPILE = [n for n in _bench.IMPLS if n != "torch-compile-cl"]  # torch.compile: ~30 s of compiling on CPU
+META_FIELDS = {"schema", "arch", "modes", "impls", "batch", "size", "dtype", "device", "jax_device", "torch_device",
+               "device_name", "repeats", "warmup", "cpu", "versions", "precision", "jax_compilation_cache", "train",
+               "platform", "started"}
+
+
+def _bench_cli(*args):
+    result = runner.invoke(app, ["bench", ARCH, *args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def both_modes(tmp_path_factory):
+    """One run of every implementation but torch.compile, inference and training."""
+    out = tmp_path_factory.mktemp("bench")
+    result = _bench_cli("--mode", "both", *CHEAP, "--size", "32", "--impl", *NO_COMPILE,
+                        "--json", str(out / "r.json"), "--chart", str(out / "r.png"))
+    return result, json.loads((out / "r.json").read_text()), out
+
+
+def _check_rows(results, batch):
+    for r in results["rows"]:
+        assert set(r) == set(_bench.ROW_FIELDS), r["impl"]
+        assert r["error"] is None, r["error"]
+        assert len(r["times_s"]) == results["meta"]["repeats"]
+        assert r["median_s"] == pytest.approx(statistics.median(r["times_s"]))
+        assert r["images_per_s"] == pytest.approx(batch / r["median_s"])
+        assert r["first_call_s"] > 0
+        assert r["label"] == _bench.IMPLS[r["impl"]].label and r["framework"] == _bench.IMPLS[r["impl"]].framework
+        for key, baseline in (("vs_torch_compile", "torch-compile-cl"), ("vs_torch_eager_nchw", "torch-eager-nchw")):
+            base = [b for b in results["rows"] if b["mode"] == r["mode"] and b["impl"] == baseline]
+            if base:
+                assert r[key] == pytest.approx(base[0]["median_s"] / r["median_s"])
+            else:
+                assert r[key] is None
+
+
+def test_both_modes_json(both_modes):
+    _, results, _ = both_modes
+    assert set(results) == {"meta", "rows"}
+    meta = results["meta"]
+    assert META_FIELDS <= set(meta)
+    assert meta["arch"] == ARCH and meta["batch"] == 2 and meta["size"] == [32, 32] and meta["dtype"] == "float32"
+    assert meta["modes"] == ["inference", "train"] and meta["impls"] == NO_COMPILE
+    assert {"jax", "jaxlib", "torch", "timm", "equinox", "dm-haiku", "optax"} <= set(meta["versions"])
+    assert all(meta["versions"][k] for k in ("jax", "torch", "equinox", "dm-haiku", "optax"))
+    assert meta["cpu"]["torch_threads"] >= 1 and meta["device_name"]
+    # Inference runs every selected implementation, training all but the BN-folded ones, and the
+    # rows come in mode order, then IMPLS order.
+    assert [(r["mode"], r["impl"]) for r in results["rows"]] == (
+        [("inference", n) for n in NO_COMPILE] + [("train", n) for n in NO_COMPILE if "folded" not in n])
+    _check_rows(results, batch=2)
+    nchw = [r for r in results["rows"] if r["impl"] == "torch-eager-nchw"]
+    assert all(r["vs_torch_eager_nchw"] == pytest.approx(1.0) for r in nchw)
+
+
+def test_both_modes_table(both_modes):
+    result, _, _ = both_modes
+    for text in ("inference", "training step", "zoo-equinox-folded", "torch-eager-cl", "median ms", "vs compile",
+                 "wrote"):
+        assert text in result.output
+
+
+def test_chart(both_modes, tmp_path):
+    _, results, out = both_modes
+    assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # What a docs script does with saved JSON; the same JSON gives the same bytes.
+    again = _bench.chart(results, tmp_path / "again.png")
+    assert again.read_bytes() == _bench.chart(results, tmp_path / "twice.png").read_bytes()
+
+
+def test_failed_torch_compile_is_a_row(monkeypatch, tmp_path):
+    """torch-compile-cl is selectable, and when torch.compile fails (no compiler, say) its row
+    says why and the run goes on; nothing takes a ratio to it."""
+    import torch
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    result = _bench_cli("--mode", "inference", *CHEAP, "--size", "40", "48", "--impl", "torch-compile-cl",
+                        "--impl", "torch-eager-nchw", "--json", str(tmp_path / "r.json"),
+                        "--chart", str(tmp_path / "r.png"))
+    assert "failed: RuntimeError: no C++ compiler" in result.output
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["meta"]["size"] == [40, 48]
+    eager, compiled = results["rows"]
+    assert (eager["impl"], compiled["impl"]) == ("torch-eager-nchw", "torch-compile-cl")
+    assert compiled["error"].startswith("RuntimeError: no C++ compiler")
+    assert compiled["median_s"] is None and compiled["times_s"] == [] and compiled["vs_torch_eager_nchw"] is None
+    assert eager["error"] is None and eager["vs_torch_compile"] is None and eager["images_per_s"] > 0
+    assert (tmp_path / "r.png").exists()
+
+
+@pytest.mark.slow
+def test_torch_compile(tmp_path):
+    _bench_cli("--mode", "both", *CHEAP, "--size", "32", "--impl", "torch-compile-cl,torch-eager-cl",
+                        "--impl", "zoo-haiku", "--json", str(tmp_path / "r.json"))
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["mode"], r["impl"]) for r in results["rows"]] == [
+        (m, n) for m in ("inference", "train") for n in ("torch-eager-cl", "torch-compile-cl", "zoo-haiku")]
+    _check_rows(results, batch=2)
+    assert all(r["vs_torch_compile"] == pytest.approx(1.0) for r in results["rows"] if r["impl"] == "torch-compile-cl")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--impl", "zoo-jax"], "unknown implementation 'zoo-jax'"),
+    (["--mode", "train", "--impl", "zoo-haiku-folded"], "inference-only"),
+    (["--mode", "eval"], "--mode 'eval'"),
+    (["--dtype", "float16"], "--dtype 'float16'"),
+    (["--size", "32", "24", "16"], "at most one width"),
+    (["7"], "unexpected argument '7'"),
+    (["zoo-haiku"], "unexpected argument 'zoo-haiku'"),
+])
+def test_bad_arguments(args, message):
+    result = runner.invoke(app, ["bench", ARCH, *args])
+    assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_unknown_model_and_unwritable_output(tmp_path):
+    result = runner.invoke(app, ["bench", "resent18"])
+    assert result.exit_code == 1 and "did you mean" in result.output
+    result = runner.invoke(app, ["bench", ARCH, "--json", str(tmp_path / "missing" / "r.json")])
+    assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_chart_without_matplotlib(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    result = runner.invoke(app, ["bench", ARCH, "--chart", str(tmp_path / "r.png")])
+    assert result.exit_code == 1 and "pip install matplotlib" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_import_is_light():
+    code = ("import sys, zoo._bench; heavy = {'torch', 'jax', 'timm', 'matplotlib'} & set(sys.modules); "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_select_impls():
+    assert _bench.select_impls(None) == list(_bench.IMPLS)
+    assert _bench.select_impls(["zoo-equinox,torch-compile-cl", "zoo-equinox"]) == ["torch-compile-cl", "zoo-equinox"]
+    # torch.compile runs last (its compile is the longest, a time limit should cut it first)
+    assert _bench.impls_for("inference", list(_bench.IMPLS))[-1] == "torch-compile-cl"
+    assert "zoo-haiku-folded" not in _bench.impls_for("train", list(_bench.IMPLS))
