@@ -1,6 +1,9 @@
 """torchvision's GoogLeNet in Equinox, wired from a `GoogLeNetPlan`. Attribute paths mirror
 PyTorch's module tree (`model.inception3a.branch2[0].conv.weight` is
-`inception3a.branch2.0.conv.weight`)."""
+`inception3a.branch2.0.conv.weight`).
+
+The model takes one CHW image but carries its activations channels-last (HWC, so NHWC under
+vmap: see `layers`); the modules here work on HWC maps."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from .. import ops
 from ..googlenet import (FEATURE_TAPS, INCEPTION_BLOCKS, TRANSFORM_INPUT, AuxPlan, ConvBNPlan, GoogLeNetOutputs,
                          GoogLeNetPlan, InceptionPlan, PoolPlan)
 from ..spec import PoolSpec
-from .layers import BatchNorm, Conv2d, Linear, make_norm
+from .layers import CHANNEL_AXIS, SPATIAL_AXES, BatchNorm, Conv2d, Linear, make_norm, to_chw, to_hwc
 
 
 class BasicConv2d(eqx.Module):
@@ -28,8 +31,8 @@ class BasicConv2d(eqx.Module):
         self.conv = Conv2d(plan.conv, key=key)
         self.bn = None if plan.norm is None else make_norm(plan.norm)
 
-    def __call__(self, x: Float[Array, "C H W"], state: eqx.nn.State
-                 ) -> tuple[Float[Array, "Co Ho Wo"], eqx.nn.State]:
+    def __call__(self, x: Float[Array, "H W C"], state: eqx.nn.State
+                 ) -> tuple[Float[Array, "Ho Wo Co"], eqx.nn.State]:
         x = self.conv(x)
         if self.bn is not None:
             x, state = self.bn(x, state)
@@ -42,9 +45,9 @@ class MaxPool(eqx.Module):
     def __init__(self, plan: PoolPlan):
         self.pool = plan.pool
 
-    def __call__(self, x: Float[Array, "C H W"], state: eqx.nn.State
-                 ) -> tuple[Float[Array, "C Ho Wo"], eqx.nn.State]:
-        return ops.pool(x, self.pool), state
+    def __call__(self, x: Float[Array, "H W C"], state: eqx.nn.State
+                 ) -> tuple[Float[Array, "Ho Wo C"], eqx.nn.State]:
+        return ops.pool(x, self.pool, SPATIAL_AXES), state
 
 
 def _sequential(layers: tuple, x: Array, state: eqx.nn.State) -> tuple[Array, eqx.nn.State]:
@@ -66,13 +69,13 @@ class Inception(eqx.Module):
         self.branch3 = (BasicConv2d(plan.branch3[0], key=k3a), BasicConv2d(plan.branch3[1], key=k3b))
         self.branch4 = (MaxPool(plan.branch4[0]), BasicConv2d(plan.branch4[1], key=k4))
 
-    def __call__(self, x: Float[Array, "C H W"], state: eqx.nn.State
-                 ) -> tuple[Float[Array, "Co H W"], eqx.nn.State]:
+    def __call__(self, x: Float[Array, "H W C"], state: eqx.nn.State
+                 ) -> tuple[Float[Array, "H W Co"], eqx.nn.State]:
         b1, state = self.branch1(x, state)
         b2, state = _sequential(self.branch2, x, state)
         b3, state = _sequential(self.branch3, x, state)
         b4, state = _sequential(self.branch4, x, state)
-        return jnp.concatenate([b1, b2, b3, b4], axis=0), state
+        return jnp.concatenate([b1, b2, b3, b4], axis=CHANNEL_AXIS), state
 
 
 def _need_key(key: Optional[PRNGKeyArray]) -> PRNGKeyArray:
@@ -97,11 +100,12 @@ class InceptionAux(eqx.Module):
         self.pool_hw, self.dropout = plan.pool_hw, plan.dropout
         self.inference = False
 
-    def __call__(self, x: Float[Array, "C H W"], state: eqx.nn.State, *,
+    def __call__(self, x: Float[Array, "H W C"], state: eqx.nn.State, *,
                  key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, " K"], eqx.nn.State]:
-        x = ops.adaptive_avg_pool(x, self.pool_hw)
+        x = ops.adaptive_avg_pool(x, self.pool_hw, SPATIAL_AXES)
         x, state = self.conv(x, state)
-        x = jax.nn.relu(self.fc1(x.reshape(-1)))  # CHW flattens in PyTorch's order
+        # fc1's inputs are in PyTorch's flatten order (C, H, W): a small transpose of the 4x4 map.
+        x = jax.nn.relu(self.fc1(to_chw(x).reshape(-1)))
         if not self.inference and self.dropout > 0:
             x = ops.dropout(x, self.dropout, _need_key(key))
         return self.fc2(x).astype(ops.stat_dtype(x.dtype)), state
@@ -177,7 +181,9 @@ class GoogLeNet(eqx.Module):
         out_dtype = ops.stat_dtype(self.dtype)
         if self.transform_input:
             x = jnp.stack([x[c] * scale + shift for c, (scale, shift) in enumerate(TRANSFORM_INPUT)])
-        x = x.astype(self.dtype)
+        # Channels-last inside: XLA's convolutions want NHWC; vmap of a CHW model gives NCHW and
+        # a transpose around every conv. One transpose here, and back wherever a map leaves.
+        x = to_hwc(x.astype(self.dtype))
         training_aux = not self.inference and bool(self.taps)
         fc_key, *aux_keys = [None] * 3 if key is None else jax.random.split(key, 3)
         taps = dict(self.taps)
@@ -190,9 +196,11 @@ class GoogLeNet(eqx.Module):
                 aux_out[aux], state = getattr(self, aux)(x, state, key=aux_keys[len(aux_out)])
             features[name] = x
         if self.feature_taps is not None:
-            return [features[t].astype(out_dtype) for t in self.feature_taps], state
+            return [to_chw(features[t]).astype(out_dtype) for t in self.feature_taps], state
         if self.global_pool:
-            x = ops.global_avg_pool(x)
+            x = ops.global_avg_pool(x, SPATIAL_AXES)
+        else:
+            x = to_chw(x)  # the unpooled map is returned (CHW), dropout's mask drawn over it as before
         if not self.inference and self.dropout > 0:
             x = ops.dropout(x, self.dropout, _need_key(fc_key))
         if self.fc is None:

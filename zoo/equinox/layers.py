@@ -1,4 +1,10 @@
-"""Equinox layers with PyTorch numerics, on single CHW examples (batch with `jax.vmap`).
+"""Equinox layers with PyTorch numerics, on single HWC examples (batch with `jax.vmap`).
+
+Channels-last inside: XLA's convolutions want NHWC, and `jax.vmap` of a CHW layer gives NCHW
+convolutions with a transpose around every one of them (CPU and GPU alike). So the layers take
+HWC feature maps; the models take and give CHW (PyTorch's layout) and transpose once at the entry
+and wherever a map leaves them. Weights keep PyTorch's layouts (conv OIHW): the convolution's
+dimension numbers say so, and XLA lays the kernel out as it likes.
 
 Field names mirror PyTorch (`weight`, `bias`, running statistics in an `eqx.nn.State`), so a
 model's tree paths are its PyTorch names. Parameters are float32 whatever the compute dtype.
@@ -19,6 +25,21 @@ from ..spec import BlurSpec, Conv1dSpec, ConvSpec, LinearSpec, NormSpec
 
 MOMENTUM = 0.1
 BATCH_AXIS = "batch"
+# Per-example layout inside the models: (H, W, C).
+SPATIAL_AXES = (0, 1)
+CHANNEL_AXIS = -1
+# Activations NHWC under vmap, the kernel as PyTorch stores it.
+CONV_DIMS = ("NHWC", "OIHW", "NHWC")
+
+
+def to_hwc(x: Float[Array, "C H W"]) -> Float[Array, "H W C"]:
+    """A model's CHW input, channels-last for the layers (the one transpose at the entry)."""
+    return jnp.transpose(x, (1, 2, 0))
+
+
+def to_chw(x: Float[Array, "H W C"]) -> Float[Array, "C H W"]:
+    """A feature map leaving a model, back in PyTorch's CHW."""
+    return jnp.transpose(x, (2, 0, 1))
 
 
 def _init_key(key: PRNGKeyArray) -> PRNGKeyArray:
@@ -53,10 +74,9 @@ class Conv2d(eqx.Module):
         self.stride, self.padding = spec.stride, spec.padding
         self.dilation, self.groups = spec.dilation, spec.groups
 
-    def __call__(self, x: Float[Array, "C H W"]) -> Float[Array, "O Ho Wo"]:
+    def __call__(self, x: Float[Array, "H W C"]) -> Float[Array, "Ho Wo O"]:
         y = ops.conv2d(x[None], self.weight, self.bias, stride=self.stride, padding=self.padding,
-                       dilation=self.dilation, groups=self.groups,
-                       dimension_numbers=("NCHW", "OIHW", "NCHW"))
+                       dilation=self.dilation, groups=self.groups, dimension_numbers=CONV_DIMS)
         return y[0]
 
 
@@ -80,16 +100,16 @@ class BatchNorm(eqx.Module):
         self.state_index = eqx.nn.StateIndex((jnp.zeros((c,), jnp.float32), jnp.ones((c,), jnp.float32)))
         self.eps, self.axis_name, self.inference = spec.eps, axis_name, inference
 
-    def __call__(self, x: Float[Array, "C H W"], state: eqx.nn.State
-                 ) -> tuple[Float[Array, "C H W"], eqx.nn.State]:
+    def __call__(self, x: Float[Array, "H W C"], state: eqx.nn.State
+                 ) -> tuple[Float[Array, "H W C"], eqx.nn.State]:
         running_mean, running_var = state.get(self.state_index)
         if self.inference:
             mean, var = running_mean, running_var
         else:
-            mean, var, unbiased = ops.bn_moments(x, (1, 2), self.axis_name)
+            mean, var, unbiased = ops.bn_moments(x, SPATIAL_AXES, self.axis_name)
             state = state.set(self.state_index, (ops.ema_update(running_mean, mean, MOMENTUM),
                                                  ops.ema_update(running_var, unbiased, MOMENTUM)))
-        return ops.normalize(x, mean, var, self.weight, self.bias, self.eps, channel_axis=0), state
+        return ops.normalize(x, mean, var, self.weight, self.bias, self.eps, channel_axis=CHANNEL_AXIS), state
 
 
 class GroupNorm(eqx.Module):
@@ -103,9 +123,9 @@ class GroupNorm(eqx.Module):
         self.bias = jnp.zeros((spec.channels,), jnp.float32)
         self.groups, self.eps = spec.groups, spec.eps
 
-    def __call__(self, x: Float[Array, "C H W"], state: eqx.nn.State
-                 ) -> tuple[Float[Array, "C H W"], eqx.nn.State]:
-        return ops.group_norm(x, self.groups, self.weight, self.bias, self.eps, channel_axis=0), state
+    def __call__(self, x: Float[Array, "H W C"], state: eqx.nn.State
+                 ) -> tuple[Float[Array, "H W C"], eqx.nn.State]:
+        return ops.group_norm(x, self.groups, self.weight, self.bias, self.eps, channel_axis=CHANNEL_AXIS), state
 
 
 def make_norm(spec: NormSpec):
@@ -164,8 +184,8 @@ class BlurPool(eqx.Module):
 
     spec: BlurSpec = eqx.field(static=True)
 
-    def __call__(self, x: Float[Array, "C H W"], state: eqx.nn.State) -> tuple[Float[Array, "C Ho Wo"], eqx.nn.State]:
+    def __call__(self, x: Float[Array, "H W C"], state: eqx.nn.State) -> tuple[Float[Array, "Ho Wo C"], eqx.nn.State]:
         s = self.spec
         y = ops.blur_pool(x[None], s.filter(), stride=s.stride, padding=s.padding, pad_mode=s.pad_mode,
-                          dimension_numbers=("NCHW", "OIHW", "NCHW"))
+                          dimension_numbers=CONV_DIMS)
         return y[0], state

@@ -4,6 +4,9 @@ Res2Net, ResNeSt and selective-kernel blocks, SE/ECA attention, anti-aliasing, D
 Attribute paths mirror PyTorch's module tree (`model.layer1[0].se.fc1.weight` is
 `layer1.0.se.fc1.weight`); Sequentials and ModuleLists are tuples keeping PyTorch's indices, and a
 folded norm leaves None in its slot.
+
+The model takes one CHW image but carries its activations channels-last (HWC, so NHWC under
+vmap: see `layers`); every block and layer here works on HWC maps.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .. import ops
 from ..spec import (ActSpec, AttnSpec, BlockPlan, BlurSpec, ConvSpec, DropBlockSpec, NormSpec, PoolSpec,
                     ResNetPlan)
-from .layers import BATCH_AXIS, BatchNorm, BlurPool, Conv1d, Conv2d, GroupNorm, Linear, ReLU, make_norm
+from .layers import (BATCH_AXIS, CHANNEL_AXIS, SPATIAL_AXES, BatchNorm, BlurPool, Conv1d, Conv2d, GroupNorm,
+                     Linear, ReLU, make_norm, to_chw, to_hwc)
 
 Norm = Union[BatchNorm, GroupNorm]
 State = eqx.nn.State
@@ -60,7 +64,7 @@ class Pool(eqx.Module):
     spec: PoolSpec = eqx.field(static=True)
 
     def __call__(self, x: Array, state: State) -> tuple[Array, State]:
-        return ops.pool(x, self.spec), state
+        return ops.pool(x, self.spec, SPATIAL_AXES), state
 
 
 def _aa_module(spec: Optional[Union[PoolSpec, BlurSpec]]) -> Optional[Union[Pool, BlurPool]]:
@@ -75,7 +79,8 @@ def _drop_block(spec: Optional[DropBlockSpec], inference: bool, x: Array,
         return x
     # The survivors' rescaling counts the whole (vmapped) batch, as timm's does.
     return ops.drop_block(x, rate=spec.rate, block_size=spec.block_size, gamma_scale=spec.gamma_scale,
-                          key=_need_key(key), spatial_axes=(1, 2), channel_axis=0, axis_name=BATCH_AXIS)
+                          key=_need_key(key), spatial_axes=SPATIAL_AXES, channel_axis=CHANNEL_AXIS,
+                          axis_name=BATCH_AXIS)
 
 
 def _drop_path(rate: float, inference: bool, x: Array, key: Optional[PRNGKeyArray]) -> Array:
@@ -94,8 +99,8 @@ class SqueezeExcite(eqx.Module):
         k1, k2 = jax.random.split(key)
         self.fc1, self.fc2 = Conv2d(spec.fc1, key=k1), Conv2d(spec.fc2, key=k2)
 
-    def __call__(self, x: Float[Array, "C H W"]) -> Float[Array, "C H W"]:
-        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+    def __call__(self, x: Float[Array, "H W C"]) -> Float[Array, "H W C"]:
+        s = jnp.mean(x, axis=SPATIAL_AXES, keepdims=True)
         return x * jax.nn.sigmoid(self.fc2(jax.nn.relu(self.fc1(s))))
 
 
@@ -107,10 +112,10 @@ class EcaModule(eqx.Module):
     def __init__(self, spec: AttnSpec, *, key: PRNGKeyArray):
         self.conv = Conv1d(spec.conv, key=key)
 
-    def __call__(self, x: Float[Array, "C H W"]) -> Float[Array, "C H W"]:
+    def __call__(self, x: Float[Array, "H W C"]) -> Float[Array, "H W C"]:
         # The pooled channels are the conv's length axis, with one feature.
-        y = self.conv(jnp.mean(x, axis=(1, 2))[None])[0]
-        return x * jax.nn.sigmoid(y)[:, None, None]
+        y = self.conv(jnp.mean(x, axis=SPATIAL_AXES)[None])[0]
+        return x * jax.nn.sigmoid(y)
 
 
 def _attn_module(spec: Optional[AttnSpec], key: PRNGKeyArray) -> Optional[Union[SqueezeExcite, EcaModule]]:
@@ -144,8 +149,8 @@ class ConvNormAct(eqx.Module):
         self.conv, self.bn = Conv2d(conv, key=key), _norm_or_none(norm)
         self.act, self.drop_block, self.inference = act, drop_block, False
 
-    def __call__(self, x: Float[Array, "C H W"], state: State, *,
-                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "O Ho Wo"], State]:
+    def __call__(self, x: Float[Array, "H W C"], state: State, *,
+                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "Ho Wo O"], State]:
         x, state = _apply_norm(self.bn, self.conv(x), state)
         x = _drop_block(self.drop_block, self.inference, x, key)
         return (jax.nn.relu(x) if self.act else x), state
@@ -172,19 +177,19 @@ class SplitAttn(eqx.Module):
         self.fc2 = Conv2d(plan.conv("conv2.fc2"), key=next(keys))
         self.radix, self.groups, self.drop_block, self.inference = plan.radix, plan.groups, plan.drop_block, False
 
-    def __call__(self, x: Float[Array, "C H W"], state: State, *,
-                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "C Ho Wo"], State]:
+    def __call__(self, x: Float[Array, "H W C"], state: State, *,
+                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "Ho Wo C"], State]:
         r = self.radix
         x, state = _apply_norm(self.bn0, self.conv(x), state)
         x = jax.nn.relu(_drop_block(self.drop_block, self.inference, x, key))
-        rc, h, w = x.shape
-        splits = x.reshape(r, rc // r, h, w)
-        gap = jnp.sum(splits, axis=0) if r > 1 else x
-        gap, state = _apply_norm(self.bn1, self.fc1(jnp.mean(gap, axis=(1, 2), keepdims=True)), state)
-        attn = ops.radix_softmax(self.fc2(jax.nn.relu(gap))[:, 0, 0], r, self.groups)
+        h, w, rc = x.shape
+        splits = x.reshape(h, w, r, rc // r)  # PyTorch's (radix, C) channel order
+        gap = jnp.sum(splits, axis=2) if r > 1 else x
+        gap, state = _apply_norm(self.bn1, self.fc1(jnp.mean(gap, axis=SPATIAL_AXES, keepdims=True)), state)
+        attn = ops.radix_softmax(self.fc2(jax.nn.relu(gap))[0, 0], r, self.groups)
         if r == 1:
-            return x * attn[:, None, None], state
-        return jnp.sum(splits * attn.reshape(r, rc // r, 1, 1), axis=0), state
+            return x * attn, state
+        return jnp.sum(splits * attn.reshape(r, rc // r), axis=2), state
 
 
 class SelectiveKernelAttn(eqx.Module):
@@ -200,10 +205,10 @@ class SelectiveKernelAttn(eqx.Module):
         self.fc_select = Conv2d(plan.conv(f"{sk}.attn.fc_select"), key=k2)
         self.paths = plan.sk_paths
 
-    def __call__(self, x: Float[Array, "C H W"], state: State) -> tuple[Float[Array, "P C 1 1"], State]:
-        s, state = _apply_norm(self.bn, self.fc_reduce(jnp.mean(x, axis=(1, 2), keepdims=True)), state)
+    def __call__(self, x: Float[Array, "H W C"], state: State) -> tuple[Float[Array, "1 1 P C"], State]:
+        s, state = _apply_norm(self.bn, self.fc_reduce(jnp.mean(x, axis=SPATIAL_AXES, keepdims=True)), state)
         s = self.fc_select(jax.nn.relu(s))
-        return jax.nn.softmax(s.reshape(self.paths, -1, 1, 1), axis=0), state
+        return jax.nn.softmax(s.reshape(1, 1, self.paths, -1), axis=2), state
 
 
 class SelectiveKernel(eqx.Module):
@@ -222,17 +227,17 @@ class SelectiveKernel(eqx.Module):
         self.attn = SelectiveKernelAttn(plan, sk, key=next(keys))
         self.split_input = plan.split_input
 
-    def __call__(self, x: Float[Array, "C H W"], state: State, *,
-                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "O Ho Wo"], State]:
+    def __call__(self, x: Float[Array, "H W C"], state: State, *,
+                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "Ho Wo O"], State]:
         n = len(self.paths)
-        inputs = jnp.split(x, n, axis=0) if self.split_input else [x] * n
+        inputs = jnp.split(x, n, axis=CHANNEL_AXIS) if self.split_input else [x] * n
         outs = []
         for path, xi, k in zip(self.paths, inputs, _split(key, n)):
             y, state = path(xi, state, key=k)
             outs.append(y)
-        stacked = jnp.stack(outs, axis=0)
-        attn, state = self.attn(jnp.sum(stacked, axis=0), state)
-        return jnp.sum(stacked * attn, axis=0), state
+        stacked = jnp.stack(outs, axis=2)  # (H, W, paths, C)
+        attn, state = self.attn(jnp.sum(stacked, axis=2), state)
+        return jnp.sum(stacked * attn, axis=2), state
 
 
 def _downsample(plan: BlockPlan, key: PRNGKeyArray) -> Optional[tuple]:
@@ -275,8 +280,8 @@ class Block(eqx.Module):
         self.downsample = _downsample(plan, next(keys))
         self.drop_path, self.drop_block, self.inference = plan.drop_path, plan.drop_block, False
 
-    def __call__(self, x: Float[Array, "C H W"], state: State, *,
-                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "O Ho Wo"], State]:
+    def __call__(self, x: Float[Array, "H W C"], state: State, *,
+                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "Ho Wo O"], State]:
         k_block, k_path = _split(key, 2)
         shortcut = x
         x, state = _apply_norm(self.bn1, self.conv1(x), state)
@@ -321,11 +326,11 @@ class Bottle2neck(eqx.Module):
         self.downsample = _downsample(plan, next(keys))
         self.scale, self.drop_path, self.drop_block, self.inference = plan.scale, plan.drop_path, plan.drop_block, False
 
-    def __call__(self, x: Float[Array, "C H W"], state: State, *,
-                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "O Ho Wo"], State]:
+    def __call__(self, x: Float[Array, "H W C"], state: State, *,
+                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "Ho Wo O"], State]:
         k_block, k_path = _split(key, 2)
         out, state = _apply_norm(self.bn1, self.conv1(x), state)
-        spx = jnp.split(jax.nn.relu(out), self.scale, axis=0)
+        spx = jnp.split(jax.nn.relu(out), self.scale, axis=CHANNEL_AXIS)
         # A stage's first block (the one with the pool) feeds each split alone; later blocks add
         # the previous split's output (the hierarchical residual).
         is_first = self.pool is not None
@@ -337,7 +342,7 @@ class Bottle2neck(eqx.Module):
             spo.append(sp)
         if self.scale > 1:
             spo.append(self.pool(spx[-1], state)[0] if is_first else spx[-1])
-        out = _drop_block(self.drop_block, self.inference, jnp.concatenate(spo, axis=0), k_block)
+        out = _drop_block(self.drop_block, self.inference, jnp.concatenate(spo, axis=CHANNEL_AXIS), k_block)
         out, state = _apply_norm(self.bn3, self.conv3(out), state)
         out = _drop_path(self.drop_path, self.inference, out, k_path)
         return _add_shortcut(out, x, self.downsample, state)
@@ -368,8 +373,8 @@ class ResNestBottleneck(eqx.Module):
         self.downsample = _downsample(plan, next(keys))
         self.drop_path, self.inference = plan.drop_path, False
 
-    def __call__(self, x: Float[Array, "C H W"], state: State, *,
-                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "O Ho Wo"], State]:
+    def __call__(self, x: Float[Array, "H W C"], state: State, *,
+                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "Ho Wo O"], State]:
         k_block, k_path = _split(key, 2)
         out, state = _apply_norm(self.bn1, self.conv1(x), state)
         out, state = _sequential(self.avd_first, jax.nn.relu(out), state)
@@ -399,8 +404,8 @@ class SelectiveKernelBasic(eqx.Module):
         self.downsample = _downsample(plan, next(keys))
         self.drop_path, self.inference = plan.drop_path, False
 
-    def __call__(self, x: Float[Array, "C H W"], state: State, *,
-                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "O Ho Wo"], State]:
+    def __call__(self, x: Float[Array, "H W C"], state: State, *,
+                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "Ho Wo O"], State]:
         k_block, k_path = _split(key, 2)
         out, state = self.conv1(x, state, key=k_block)
         out, state = self.conv2(out, state)
@@ -426,8 +431,8 @@ class SelectiveKernelBottleneck(eqx.Module):
         self.downsample = _downsample(plan, next(keys))
         self.drop_path, self.inference = plan.drop_path, False
 
-    def __call__(self, x: Float[Array, "C H W"], state: State, *,
-                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "O Ho Wo"], State]:
+    def __call__(self, x: Float[Array, "H W C"], state: State, *,
+                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "Ho Wo O"], State]:
         k_block, k_path = _split(key, 2)
         out, state = self.conv1(x, state)
         out, state = self.conv2(out, state, key=k_block)
@@ -513,7 +518,9 @@ class ResNet(eqx.Module):
                  key: Optional[PRNGKeyArray] = None
                  ) -> tuple[Union[Float[Array, " K"], Float[Array, "c h w"], list[Float[Array, "c h w"]]], State]:
         out_dtype = ops.stat_dtype(self.dtype)
-        x = x.astype(self.dtype)
+        # Channels-last inside: XLA's convolutions want NHWC; vmap of a CHW model gives NCHW and
+        # a transpose around every conv. One transpose here, and back wherever a map leaves.
+        x = to_hwc(x.astype(self.dtype))
         x, state = _sequential(self.conv1, x, state)
         x, state = _apply_norm(self.bn1, x, state)
         x = jax.nn.relu(x)
@@ -529,9 +536,11 @@ class ResNet(eqx.Module):
                 i += 1
             features.append(x)
         if self.out_indices is not None:
-            return [features[j].astype(out_dtype) for j in self.out_indices], state
+            return [to_chw(features[j]).astype(out_dtype) for j in self.out_indices], state
         if self.global_pool:
-            x = ops.global_avg_pool(x)
+            x = ops.global_avg_pool(x, SPATIAL_AXES)
+        else:
+            x = to_chw(x)  # the unpooled map is returned (CHW), dropout's mask drawn over it as before
         if not self.inference and self.drop_rate > 0:
             x = ops.dropout(x, self.drop_rate, _need_key(keys[-1]))
         if self.fc is not None:
