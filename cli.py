@@ -205,10 +205,17 @@ def convert(
             source, info = fetched.state_dict, fetched.source
             overrides = {**fetched.overrides, **overrides}
             cfg = cfg or fetched.cfg
-        with console.status(f"converting {arch} to {framework.value}…"):
+        with console.status(f"converting {arch} to {framework.value}…") as status:
+            import time
+
+            t0 = time.perf_counter()
+
+            def stage(what: str) -> None:  # large models take tens of seconds: say which part runs
+                status.update(f"{arch} → {framework.value}: {what}… ({time.perf_counter() - t0:.0f} s)")
+
             path = convert_to_file(arch, source, framework.value, out, fold_bn=fold_bn, force=force,
                                    overrides=overrides, seed=seed, allow_nonfinite=allow_nonfinite,
-                                   pretrained_cfg=cfg, source_info=info)
+                                   pretrained_cfg=cfg, source_info=info, progress=stage)
         console.print(f"wrote {path} ({_human(path.stat().st_size)})")
     except Exception as e:  # noqa: BLE001 - one line per error, traceback under --debug
         _fail(e)

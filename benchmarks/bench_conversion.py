@@ -1,6 +1,6 @@
 """What converting and loading a file costs: peak memory of `zoo convert` against the checkpoint's
-size, time beyond reading the checkpoint and writing the file, and the content digest's cost on
-load. Each measurement runs in a fresh process; medians of `--repeat` runs; a table and JSON.
+size, time beyond reading the checkpoint and writing the file (the conversion alone, first in a
+process and again), and the content digest's cost on load. Each measurement runs in a fresh process; medians of `--repeat` runs; a table and JSON.
 
     .venv/bin/python benchmarks/bench_conversion.py [--models resnet50 resnet152] [--json out.json]
 
@@ -38,6 +38,15 @@ if mode == "baseline":
     pass
 elif mode == "convert":
     t = time.perf_counter(); cc.convert_to_file(arch, ckpt, "haiku", out, force=True); res["convert_s"] = time.perf_counter() - t
+elif mode.startswith("breakdown-"):
+    # The conversion alone (names, layouts, the checked merge, the framework's template), apart
+    # from reading the checkpoint and writing the file: first in the process, then again.
+    from zoo.io import save_file
+    for run in ("first", "again"):
+        t = time.perf_counter(); sd = load_state_dict(ckpt); t1 = time.perf_counter()
+        c = cc.convert_state_dict(arch, sd, mode.split("-", 1)[1], source={{"kind": "file"}}); t2 = time.perf_counter()
+        save_file(out, c.arrays, c.loaded.metadata, force=True); t3 = time.perf_counter()
+        res[run] = {{"read_s": t1 - t, "convert_only_s": t2 - t1, "write_s": t3 - t2}}
 elif mode == "read":
     t = time.perf_counter(); load_state_dict(ckpt); res["read_s"] = time.perf_counter() - t
 elif mode == "load":
@@ -84,7 +93,7 @@ def main() -> None:
                     save_file({k: v.contiguous() for k, v in sd.items()}, str(ckpt))
                 out = Path(tmp) / f"{arch}_zoo.safetensors"
                 runs = {m: [child(m, arch, ckpt, out) for _ in range(args.repeat)]
-                        for m in ("baseline", "read", "convert", "load")}
+                        for m in ("baseline", "read", "convert", "load", "breakdown-haiku", "breakdown-equinox")}
                 med = lambda m, k: statistics.median(r[k] for r in runs[m])  # noqa: E731
                 size = ckpt.stat().st_size
                 row = {
@@ -95,6 +104,10 @@ def main() -> None:
                     "load_s": min(med("load", "load_s"), med("load", "load_s_2")),
                     "load_nocheck_s": med("load", "load_nocheck_s"),
                 }
+                for fw in ("haiku", "equinox"):
+                    for run in ("first", "again"):
+                        for k in ("read_s", "convert_only_s", "write_s"):
+                            row[f"{fw}_{run}_{k}"] = statistics.median(r[run][k] for r in runs[f"breakdown-{fw}"])
                 row["convert_rss_over_file"] = (row["convert_rss_mb"] - row["baseline_rss_mb"]) / row["checkpoint_mb"]
                 row["digest_s"] = row["load_s"] - row["load_nocheck_s"]
                 rows.append(row)
@@ -102,6 +115,10 @@ def main() -> None:
                       f"(baseline {row['baseline_rss_mb']:4.0f}, conversion's share {row['convert_rss_over_file']:.2f}x "
                       f"the file) | read {row['read_s']:.2f} s, convert {row['convert_s']:.2f} s | load "
                       f"{row['load_s']:.2f} s, without digest {row['load_nocheck_s']:.2f} s", flush=True)
+                print("  " + "; ".join(f"{fw}: conversion alone {row[f'{fw}_first_convert_only_s']:.2f} s first in the "
+                                       f"process, {row[f'{fw}_again_convert_only_s']:.2f} s again (read "
+                                       f"{row[f'{fw}_first_read_s']:.2f} s, write {row[f'{fw}_first_write_s']:.2f} s)"
+                                       for fw in ("haiku", "equinox")), flush=True)
     if args.json:
         import jax
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
@@ -125,7 +125,8 @@ def convert_state_dict(arch: str, sd: Mapping[str, np.ndarray], framework: str, 
 def convert(arch: str, source: Source, framework: str, *, fold_bn: bool = False,
             overrides: Optional[Mapping[str, Any]] = None, dtype: Any = None, seed: int = 0,
             allow_nonfinite: bool = False, pretrained_cfg: Optional[Mapping[str, Any]] = None,
-            source_info: Optional[Mapping[str, str]] = None) -> Converted:
+            source_info: Optional[Mapping[str, str]] = None,
+            progress: Optional[Callable[[str], None]] = None) -> Converted:
     """Convert a checkpoint file, a state dict or an `nn.Module` for `arch` into `framework`
     (surgery options in `overrides`: see `convert_state_dict`). A checkpoint with NaN or Inf
     values is refused unless `allow_nonfinite`. `source_info` adds to what the file records of its
@@ -136,7 +137,10 @@ def convert(arch: str, source: Source, framework: str, *, fold_bn: bool = False,
     if isinstance(source, (str, os.PathLike)) and str(source).lower().endswith(".safetensors"):
         # and on tensors the architecture lacks, from the header, before any data is read
         preflight(arch, safetensors_shapes(source), overrides)
+    step = progress or (lambda stage: None)
+    step("reading the checkpoint")
     sd = load_state_dict(source, allow_nonfinite=allow_nonfinite)
+    step("converting")
     return convert_state_dict(arch, sd, framework, fold_bn=fold_bn, overrides=overrides,
                               source={**provenance(source, sd), **(source_info or {})}, dtype=dtype, seed=seed,
                               pretrained_cfg=pretrained_cfg)
@@ -176,11 +180,16 @@ def convert_to_file(arch: str, source: Source, framework: str, out: str | os.Pat
                     fold_bn: bool = False, force: bool = False,
                     overrides: Optional[Mapping[str, Any]] = None, seed: int = 0,
                     allow_nonfinite: bool = False, pretrained_cfg: Optional[Mapping[str, Any]] = None,
-                    source_info: Optional[Mapping[str, str]] = None) -> Path:
+                    source_info: Optional[Mapping[str, str]] = None,
+                    progress: Optional[Callable[[str], None]] = None) -> Path:
+    """`progress(stage)` is called as each stage starts (reading, converting, writing)."""
     check_output_path(out)  # a missing or read-only folder fails before any work
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to overwrite")
     converted = convert(arch, source, framework, fold_bn=fold_bn, overrides=overrides, seed=seed,
-                        allow_nonfinite=allow_nonfinite, pretrained_cfg=pretrained_cfg, source_info=source_info)
+                        allow_nonfinite=allow_nonfinite, pretrained_cfg=pretrained_cfg, source_info=source_info,
+                        progress=progress)
+    if progress is not None:
+        progress("writing and digesting")
     return save_file(out, converted.arrays, converted.loaded.metadata, force=force)
