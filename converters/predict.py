@@ -80,11 +80,12 @@ def predict_images(path: str | os.PathLike, images: Sequence[str | os.PathLike],
     if model.metadata["bn_folded"] == "true" and reference:
         raise ValueError(f"{os.path.basename(path)} has BatchNorm folded into its convs, which no PyTorch model "
                          "can load: --reference needs a file converted without --fold-bn")
+    spec = model.loaded.plan.spec
+    if getattr(spec, "features_only", False) or spec.num_classes == 0:
+        raise ValueError(f"{os.path.basename(path)} returns features, not class scores: predict needs a classifier")
     cfg = model.pretrained_cfg
     x = np.stack([model.preprocess(p) for p in images])
     logits = np.asarray(model.predict(x), np.float64)
-    if logits.ndim != 2:
-        raise ValueError(f"{os.path.basename(path)} returns feature maps, not class scores: predict needs a classifier")
     names = class_names(cfg, logits.shape[1])
     probs = _softmax(logits)
     k = min(top, logits.shape[1])

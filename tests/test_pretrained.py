@@ -207,3 +207,18 @@ def test_data_config_for_own_checkpoints(tmp_path):
     bad = CliRunner().invoke(app, ["convert", "test_resnet", "-c", str(ckpt), "-f", "haiku", "-o", str(out),
                                    "--data-config", '{"interpolation": "cubic-ish"}', "--force"])
     assert bad.exit_code == 1 and "interpolation" in bad.output
+
+    # A new 7-class head: no label set, so predict shows class indices at the recorded size.
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.fromarray(np.full((50, 70, 3), 128, np.uint8)).save(image)
+    result = CliRunner().invoke(app, ["predict", str(out), str(image), "--json", "--top", "3"])
+    got = json.loads(result.output)
+    assert got["label_set"] is None and [t["name"] for t in got["images"][0]["top"]] == [
+        str(t["index"]) for t in got["images"][0]["top"]]
+    features = tmp_path / "features.safetensors"
+    CliRunner().invoke(app, ["convert", "test_resnet", "-c", str(ckpt), "-f", "haiku", "-o", str(features),
+                             "--num-classes", "0"])
+    result = CliRunner().invoke(app, ["predict", str(features), str(image)])
+    assert result.exit_code == 1 and "not class scores" in result.output
