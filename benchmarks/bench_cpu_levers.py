@@ -88,10 +88,9 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from converters.convert import convert
+    from converters.convert import convert_to_file
     from converters.state_dict import load_state_dict
     from converters.torch_models import random_model
-    from zoo.io import save_file
 
     results = {"config": vars(args), "platform": platform.platform(), "cpu_count": os.cpu_count(),
                "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "flag_sets": {}}
@@ -100,9 +99,8 @@ def main() -> None:
         files = {}
         for name, fw, fold in (("zoo Haiku", "haiku", False), ("zoo Haiku folded", "haiku", True),
                                ("zoo Equinox", "equinox", False)):
-            c = convert(args.arch, sd, fw, fold_bn=fold)
-            files[name] = os.path.join(tmp, f"{fw}{int(fold)}.safetensors")
-            save_file(files[name], c.arrays, c.loaded.metadata)
+            files[name] = str(convert_to_file(args.arch, sd, fw, os.path.join(tmp, f"{fw}{int(fold)}.safetensors"),
+                                              fold_bn=fold))
         for label in args.flags:
             env = {**os.environ, "XLA_FLAGS": FLAG_SETS[label], "ZOO_COMPILATION_CACHE": "0"}
             cfg = {"files": files, "batch": args.batch, "size": args.size, "repeats": args.repeats, "tmp": tmp,

@@ -68,15 +68,10 @@ def _child(spec: dict, env: dict) -> dict:
 
 
 def _zoo_file(arch: str, framework: str, folder: str) -> str:
-    from converters.convert import convert
-    from converters.state_dict import load_state_dict
+    from converters.convert import convert_to_file
     from converters.torch_models import random_model
-    from zoo.io import save_file
 
-    out = os.path.join(folder, f"{arch}_{framework}.safetensors")
-    converted = convert(arch, load_state_dict(random_model(arch)), framework)
-    save_file(out, converted.arrays, converted.loaded.metadata)
-    return out
+    return str(convert_to_file(arch, random_model(arch), framework, os.path.join(folder, f"{arch}_{framework}.safetensors")))
 
 
 def main() -> None:

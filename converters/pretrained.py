@@ -120,15 +120,11 @@ def pretrained_cfg(arch: str, library: str, tag: Optional[str]) -> dict[str, Any
     """The preprocessing and label set of a set of weights, from the libraries' own registries
     (no download): timm's `pretrained_cfg`, torchvision's weight `transforms()` and `meta`."""
     if library == "timm":
-        import timm
-
-        name = registry.get(arch).timm + (f".{tag}" if tag else "")
-        model = timm.create_model(name, pretrained=False)
-        src = dict(model.pretrained_cfg)
-        cfg = {k: _plain(src[k]) for k in CFG_KEYS if src.get(k) is not None}
         from timm.data import infer_imagenet_subset
 
-        subset = infer_imagenet_subset(model)
+        src = _timm_cfg(arch, tag)
+        cfg = {k: _plain(src[k]) for k in CFG_KEYS if src.get(k) is not None}
+        subset = infer_imagenet_subset(src)
         if subset:
             cfg["label_set"] = subset
         cfg["tag"] = src.get("tag") or tag
@@ -146,6 +142,18 @@ def pretrained_cfg(arch: str, library: str, tag: Optional[str]) -> dict[str, Any
     if len(w.meta["categories"]) == 1000:
         cfg["label_set"] = "imagenet-1k"
     return cfg
+
+
+def _timm_cfg(arch: str, tag: Optional[str]) -> dict[str, Any]:
+    """timm's registered pretrained_cfg of `arch`.`tag` (its default tag when None), read from
+    timm's registry without building the model."""
+    from timm.models import get_pretrained_cfg
+
+    name = registry.get(arch).timm + (f".{tag}" if tag else "")
+    found = get_pretrained_cfg(name)
+    if found is None:
+        raise ValueError(f"timm has no pretrained config for {name}")
+    return found.to_dict()
 
 
 def _plain(v: Any) -> Any:
@@ -170,7 +178,7 @@ def fetch(name: str, library: Optional[str] = None, weights: Optional[str] = Non
         import timm
 
         full = entry.timm + (f".{tag}" if tag else "")
-        model_cfg = timm.create_model(full, pretrained=False).pretrained_cfg
+        model_cfg = _timm_cfg(arch, tag)
         hub_id = model_cfg.get("hf_hub_id") or ""
         where = os.path.join(hf_cache_dir(), "models--" + hub_id.replace("/", "--")) if hub_id else model_cfg.get("url", "")
         with _hf_offline_unless_reachable() as offline:

@@ -172,12 +172,16 @@ def validate_metadata(name: str, meta: Mapping[str, str]) -> dict[str, Any]:
         registry.get(meta["arch"])
     except KeyError as e:
         raise FormatError(f"{name}: metadata field 'arch': {e.args[0]}") from None
-    try:
-        overrides = json.loads(meta["overrides"])
-    except (ValueError, RecursionError):
-        raise bad("overrides", "is not JSON") from None
-    if not isinstance(overrides, dict):
-        raise bad("overrides", "is not a JSON object")
+    def json_object(field: str) -> dict[str, Any]:
+        try:
+            value = json.loads(meta[field])
+        except (ValueError, RecursionError):
+            raise bad(field, "is not JSON") from None
+        if not isinstance(value, dict):
+            raise bad(field, "is not a JSON object")
+        return value
+
+    overrides = json_object("overrides")
     try:
         spec = registry.get_spec(meta["arch"], **overrides)
         spec.plan(meta["bn_folded"] == "true")
@@ -188,14 +192,7 @@ def validate_metadata(name: str, meta: Mapping[str, str]) -> dict[str, Any]:
                             f"{adapter(meta['framework']).layout!r}")
     if "num_classes" in meta and meta["num_classes"] != str(spec.num_classes):
         raise bad("num_classes", f"is {meta['num_classes']!r}, but the overrides give {spec.num_classes}")
-    source: Any = {}
-    if "source" in meta:
-        try:
-            source = json.loads(meta["source"])
-        except (ValueError, RecursionError):
-            raise bad("source", "is not JSON") from None
-        if not isinstance(source, dict):
-            raise bad("source", "is not a JSON object")
+    source = json_object("source") if "source" in meta else {}
     cfg: Any = None
     if "pretrained_cfg" in meta:
         from ._preprocess import validate_cfg
