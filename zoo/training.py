@@ -155,7 +155,17 @@ class TrainState(NamedTuple):
                loss_scale: Optional[DynamicLossScale] = None) -> "TrainState":
         """`params`: Haiku params or an Equinox model. `loss_scale`: `DynamicLossScale()` for
         float16 compute; none for float32 and bfloat16."""
-        return cls(params, state, optimizer.init(_trainable(params)), loss_scale)
+        ts = cls(params, state, optimizer.init(_trainable(params)), loss_scale)
+        # Committed where they already are (no copy): a step returns committed arrays, and jit
+        # keys its cache on committedness, so an uncommitted start compiled the step a second
+        # time on the second call whenever the batch was committed (`jax.device_put(x, device)`).
+        return jax.tree_util.tree_map(_commit, ts)
+
+
+def _commit(x: Any) -> Any:
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        return jax.device_put(x, x.sharding)
+    return x
 
 
 # --- the framework-specific forward ------------------------------------------------------------
