@@ -6,7 +6,8 @@ filled). Prints a table and writes JSON.
 
 Each measurement is its own Python process (what a user starting a script sees): the time of the
 first call (tracing, lowering, compilation or the cache lookup, one execution) and of the second
-call (execution alone), measured inside the process. `overhead` = first - second: what the cache
+call (execution alone), measured inside the process. Workloads: predict (`zoo.load(file).predict`),
+create (a fresh model's random initialisation) and a training step. `overhead` = first - second: what the cache
 can remove. Ratios are cold/warm from the same run; the machine is shared, so medians of
 `--repeats` processes.
 """
@@ -34,6 +35,15 @@ if spec["kind"] == "predict":
     model = zoo.load(spec["file"])
     x = np.zeros((spec["batch"], 3, spec["size"], spec["size"]), np.float32)
     call = lambda: jax.block_until_ready(model.predict(x))
+elif spec["kind"] == "create":  # a fresh model with random weights: its initialisation
+    if spec["framework"] == "haiku":
+        import zoo.haiku
+        net = zoo.haiku.create(spec["arch"])
+        x = jnp.zeros((1, spec["size"], spec["size"], 3))
+        call = lambda: jax.block_until_ready(net.init(jax.random.key(0), x, is_training=True))
+    else:
+        import zoo.equinox
+        call = lambda: jax.block_until_ready(zoo.equinox.create(spec["arch"], key=jax.random.key(0)))
 else:
     import optax, zoo.training as zt
     tx = optax.sgd(0.1, momentum=0.9)
@@ -78,6 +88,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--predict-archs", nargs="*", default=["googlenet", "resnet50"])
     ap.add_argument("--train-archs", nargs="*", default=["resnet50"])
+    ap.add_argument("--create-archs", nargs="*", default=["googlenet", "resnet50"],
+                    help="fresh models (random initialisation; Haiku: net.init, Equinox: create)")
     ap.add_argument("--frameworks", nargs="+", default=["haiku", "equinox"])
     ap.add_argument("--batch", type=int, default=1, help="predict batch")
     ap.add_argument("--size", type=int, default=224, help="predict image size")
@@ -97,6 +109,9 @@ def main() -> None:
             for fw in args.frameworks:
                 work.append({"kind": "predict", "arch": arch, "framework": fw, "file": _zoo_file(arch, fw, tmp),
                              "batch": args.batch, "size": args.size})
+        for arch in args.create_archs:
+            for fw in args.frameworks:
+                work.append({"kind": "create", "arch": arch, "framework": fw, "size": args.size})
         for arch in args.train_archs:
             for fw in args.frameworks:
                 work.append({"kind": "train step", "arch": arch, "framework": fw,

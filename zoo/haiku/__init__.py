@@ -40,15 +40,31 @@ FORWARDS: dict[type, Callable] = {ResNetPlan: resnet_forward, GoogLeNetPlan: goo
 def build(plan: Any, dtype: Any = jnp.float32, cross_replica_axis: Optional[str] = None
           ) -> hk.TransformedWithState:
     forward = FORWARDS[type(plan)](plan, dtype)
-    if cross_replica_axis is None:
-        return hk.transform_with_state(forward)
+    if cross_replica_axis is not None:
+        unsynced = forward
 
-    @functools.wraps(forward)
-    def synced(*args: Any, **kwargs: Any) -> Any:
-        with cross_replica(cross_replica_axis):
-            return forward(*args, **kwargs)
+        @functools.wraps(unsynced)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            with cross_replica(cross_replica_axis):
+                return unsynced(*args, **kwargs)
 
-    return hk.transform_with_state(synced)
+    net = hk.transform_with_state(forward)
+    return hk.TransformedWithState(_jitted_init(net.init), net.apply)
+
+
+def _jitted_init(init: Callable) -> Callable:
+    """`init`, jitted. Run eagerly, Haiku's init dispatches every initializer and the forward op
+    by op: one small XLA program per distinct shape, each under the persistent cache's minimum
+    compile time, so a second process compiled them all again (ResNet-50 on 2 CPU cores: 12.5 s
+    every time; jitted: one program, 7 s the first time and a cache hit after that). The values
+    are the same function of the key; `is_training` is static whether given by keyword or not."""
+    jitted = jax.jit(init, static_argnames="is_training")
+
+    @functools.wraps(init)
+    def fast_init(rng: Any, x: Any, is_training: bool, *args: Any, **kwargs: Any) -> tuple[hk.Params, hk.State]:
+        return jitted(rng, x, *args, is_training=bool(is_training), **kwargs)
+
+    return fast_init
 
 
 def create(name: str, *, dtype: Any = jnp.float32, fold_bn: bool = False,
