@@ -61,8 +61,8 @@ def _jitted_init(init: Callable) -> Callable:
     jitted = jax.jit(init, static_argnames="is_training")
 
     @functools.wraps(init)
-    def fast_init(rng: Any, x: Any, is_training: bool, *args: Any, **kwargs: Any) -> tuple[hk.Params, hk.State]:
-        return jitted(rng, x, *args, is_training=bool(is_training), **kwargs)
+    def fast_init(rng: Any, x: Any, is_training: bool) -> tuple[hk.Params, hk.State]:
+        return jitted(rng, x, is_training=bool(is_training))
 
     return fast_init
 
