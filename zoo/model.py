@@ -112,7 +112,10 @@ def make_predict(loaded: Loaded, dtype: Any = jnp.float32) -> Callable[[Array], 
 
     @eqx.filter_jit
     def apply_eqx(model: Any, state: Any, x: Array) -> Array:
-        batched = jax.vmap(model, axis_name=BATCH_AXIS, in_axes=(0, None), out_axes=(0, None))
+        # A lambda, not the module itself: JAX names a traced callable without `__code__` by its
+        # str(), which for an Equinox module pretty-prints the whole tree (0.1 s of a ResNet-50's
+        # first call, every process, cached or not).
+        batched = jax.vmap(lambda xi, s: model(xi, s), axis_name=BATCH_AXIS, in_axes=(0, None), out_axes=(0, None))
         return batched(x, state)[0]
 
     return functools.partial(apply_eqx, eqx.nn.inference_mode(model), state)
