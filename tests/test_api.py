@@ -120,3 +120,38 @@ def test_creating_a_model_is_one_program(framework):
         assert all(np.all(np.asarray(s["var"]) == 1.0) for s in state.values() if "var" in s)
         logits, _ = net.apply(params, state, None, x_nhwc, is_training=False)
         assert logits.shape == (2, 5)
+
+
+@pytest.mark.parametrize("framework", ["haiku", "equinox"])
+def test_template_is_the_initialised_model_without_its_random_draws(framework):
+    """`template` (what conversion and loading fill) stages zeros where initialisation draws
+    random numbers (zoo/_init.py): the same tree, shapes and dtypes as a real initialisation, and
+    the shapes-only switch never reaches a real one: a model created after a template is random,
+    and the same as one created before it."""
+    from zoo import registry
+
+    plan = registry.get_spec("test_resnet", num_classes=5).plan(False)
+    key = jax.random.key(4)
+    x = jnp.zeros((1, 32, 32, 3))
+    if framework == "haiku":
+        make = lambda: zoo.haiku.create("test_resnet", num_classes=5).init(key, x, is_training=True)  # noqa: E731
+        real = jax.eval_shape(make)
+        before = make()
+        template = zoo.haiku.template(plan)
+        after = make()  # a fresh transform and jit: traced again after the template
+    else:
+        make = lambda: zoo.equinox.create("test_resnet", key=key, num_classes=5)  # noqa: E731
+        real = eqx.filter_eval_shape(make)
+        before = make()
+        template = zoo.equinox.template(plan)
+        after = make()
+    shapes = lambda tree: jax.tree_util.tree_map(  # noqa: E731
+        lambda a: (a.shape, a.dtype) if hasattr(a, "shape") else a, tree)
+    assert jax.tree_util.tree_structure(shapes(template)) == jax.tree_util.tree_structure(shapes(real))
+    assert jax.tree_util.tree_leaves(shapes(template)) == jax.tree_util.tree_leaves(shapes(real))
+    same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)) if eqx.is_array(a) else a == b,
+                                  before, after)
+    assert all(jax.tree_util.tree_leaves(same))
+    named = (zoo.haiku if framework == "haiku" else zoo.equinox).named_arrays(*after)
+    assert float(np.std(np.asarray(named["conv1.0.weight"]))) > 0.01
+    assert float(np.std(np.asarray(named["fc.weight"]))) > 0.01

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
-from .. import _cache, registry
+from .. import _cache, _init, registry
 from ..googlenet import GoogLeNetPlan
 from ..spec import ResNetPlan
 from .googlenet import GoogLeNet
@@ -92,9 +92,14 @@ def with_cross_replica_axis(model: Any, axis_name: Optional[str]) -> Any:
     return jax.tree_util.tree_map(swap, model, is_leaf=lambda m: isinstance(m, BatchNorm))
 
 
+def _build_shapes(plan: Any, key: PRNGKeyArray, dtype: Any) -> tuple[eqx.Module, eqx.nn.State]:
+    with _init.shapes_only():  # inside the traced function: see zoo/_init.py
+        return _build(plan, key, dtype)
+
+
 def template(plan: Any, dtype: Any = jnp.float32) -> tuple[eqx.Module, eqx.nn.State]:
     """The model and state with shapes for leaves, computing nothing."""
-    return eqx.filter_eval_shape(_build, plan, jax.random.key(0), dtype)
+    return eqx.filter_eval_shape(_build_shapes, plan, jax.random.key(0), dtype)
 
 
 def _is_index(x: Any) -> bool:

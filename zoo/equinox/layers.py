@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .. import ops
+from .. import _init, ops
 from ..spec import BlurSpec, Conv1dSpec, ConvSpec, LinearSpec, NormSpec
 
 MOMENTUM = 0.1
@@ -50,10 +50,14 @@ def _init_key(key: PRNGKeyArray) -> PRNGKeyArray:
 
 
 def normal_init(key: PRNGKeyArray, shape: tuple[int, ...], std: float) -> Array:
+    if _init.active():
+        return jnp.zeros(shape, jnp.float32)
     return std * jax.random.normal(_init_key(key), shape, jnp.float32)
 
 
 def uniform_init(key: PRNGKeyArray, shape: tuple[int, ...], bound: float) -> Array:
+    if _init.active():
+        return jnp.zeros(shape, jnp.float32)
     return jax.random.uniform(_init_key(key), shape, jnp.float32, -bound, bound)
 
 

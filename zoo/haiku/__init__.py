@@ -16,7 +16,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from .. import _cache, registry
+from .. import _cache, _init, registry
 from ..googlenet import GoogLeNetPlan
 from ..naming import HAIKU_LEAVES, haiku_from_torch_layout, torch_module
 from ..spec import ResNetPlan
@@ -85,10 +85,16 @@ def create(name: str, *, dtype: Any = jnp.float32, fold_bn: bool = False,
 
 def template(plan: Any) -> tuple[hk.Params, hk.State]:
     """Parameter and state shapes of the architecture, without computing anything."""
-    net = build(plan)
+    forward = FORWARDS[type(plan)](plan, jnp.float32)
+
+    def shapes_forward(x: Any, is_training: bool) -> Any:
+        with _init.shapes_only():  # inside this template's own transform: see zoo/_init.py
+            return forward(x, is_training)
+
+    init = hk.transform_with_state(shapes_forward).init
     size = 224
     x = jax.ShapeDtypeStruct((1, size, size, plan.spec.in_chans), jnp.float32)
-    return jax.eval_shape(lambda k, x: net.init(k, x, is_training=False), jax.random.key(0), x)
+    return jax.eval_shape(lambda k, x: init(k, x, is_training=False), jax.random.key(0), x)
 
 
 def named_arrays(params: Mapping, state: Optional[Mapping] = None) -> dict[str, Any]:

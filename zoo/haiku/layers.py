@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .. import ops
+from .. import _init, ops
 from ..naming import haiku_module
 from ..spec import Conv1dSpec, ConvSpec, LinearSpec, NormSpec
 
@@ -50,6 +50,8 @@ def _fast_key() -> jax.Array:
 
 def _normal(std: float):
     def init(shape, dtype):
+        if _init.active():
+            return jnp.zeros(shape, dtype)
         return std * jax.random.normal(_fast_key(), shape, dtype)
 
     return init
@@ -57,6 +59,8 @@ def _normal(std: float):
 
 def _uniform(bound: float):
     def init(shape, dtype):
+        if _init.active():
+            return jnp.zeros(shape, dtype)
         return jax.random.uniform(_fast_key(), shape, dtype, -bound, bound)
 
     return init
