@@ -18,7 +18,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="PyTorch CNNs (timm / torchvision) as dm-haiku and Equinox models, converted exactly.",
                   epilog="Compiled programs are kept in JAX's persistent compilation cache, "
                          "$XDG_CACHE_HOME/zoo/jax (~/.cache/zoo/jax): ZOO_CACHE_DIR moves it, "
-                         "ZOO_COMPILATION_CACHE=0 turns it off.")
+                         "ZOO_COMPILATION_CACHE=0 turns it off. On a CPU, inference compiles "
+                         "convolutions with XLA's own emitter (faster than jaxlib's YNNPACK fusions "
+                         "here): ZOO_CPU_XLA_CONV=0 keeps JAX's default.")
 console = Console()
 err_console = Console(stderr=True)
 _debug = {"on": False}

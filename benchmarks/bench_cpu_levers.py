@@ -30,6 +30,12 @@ FLAG_SETS = {
     "xnnpack": "--xla_cpu_use_xnnpack=true",
     "fast math": "--xla_cpu_enable_fast_math=true",
     "no eigen threads": "--xla_cpu_multi_thread_eigen=false",
+    # This jaxlib already runs convolutions as YNNPACK fusions (`ynn_fusion` in the optimized HLO);
+    # these two take them away (XLA's own convolution emitter: what zoo's functions now compile
+    # with on a CPU, zoo/_xla.py) or hand YNNPACK more op kinds.
+    "ynn conv off": "--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
+    "ynn more": "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_DOT,+LIBRARY_FUSION_TYPE_ELTWISE,"
+                "+LIBRARY_FUSION_TYPE_REDUCE",
 }
 
 CHILD = r"""
@@ -102,7 +108,8 @@ def main() -> None:
             files[name] = str(convert_to_file(args.arch, sd, fw, os.path.join(tmp, f"{fw}{int(fold)}.safetensors"),
                                               fold_bn=fold))
         for label in args.flags:
-            env = {**os.environ, "XLA_FLAGS": FLAG_SETS[label], "ZOO_COMPILATION_CACHE": "0"}
+            # JAX's defaults and these flags alone: zoo's own CPU convolution option is off here.
+            env = {**os.environ, "XLA_FLAGS": FLAG_SETS[label], "ZOO_COMPILATION_CACHE": "0", "ZOO_CPU_XLA_CONV": "0"}
             cfg = {"files": files, "batch": args.batch, "size": args.size, "repeats": args.repeats, "tmp": tmp,
                    "label": label, "arch": args.arch, "torch": True}
             proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], cwd=ROOT, env=env,

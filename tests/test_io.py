@@ -3,6 +3,7 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file as st_load
@@ -147,3 +148,37 @@ def test_model_predict_is_jitted_and_batched(tmp_path, checkpoint, monkeypatch):
     assert not printed
     assert out.shape == (3, 1000) and out.dtype == np.float32
     assert isinstance(out, jax.Array)
+
+
+@pytest.mark.parametrize("framework", ["haiku", "equinox"])
+def test_zoo_functions_compile_cpu_convolutions_with_xla_s_own_emitter(tmp_path, checkpoint, framework,
+                                                                       monkeypatch):
+    """On a CPU, jaxlib runs convolutions as YNNPACK fusions by default; zoo's own jitted
+    inference functions (predict here, and the eval step) take those away
+    (zoo/_xla.py: faster on the benchmark's CPU, docs/benchmarks.md). `ZOO_CPU_XLA_CONV=0`, or the
+    user's own setting of the option in XLA_FLAGS, keeps JAX's default. The logits agree."""
+    from zoo._xla import jit_options
+    from zoo.model import make_predict
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("a CPU compiler option")
+    path = convert_to_file("resnet18", checkpoint, framework, tmp_path / "m.safetensors")
+    loaded = zoo.load(path).loaded
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 64, 80)), jnp.float32)
+
+    def ynn_fusions(predict) -> int:
+        compiled = predict.func.lower(*predict.args, x).compile()
+        compiled = getattr(compiled, "compiled", compiled)  # Equinox wraps JAX's
+        return compiled.as_text().count('"kind":"__ynn_fusion"')
+
+    zoo_predict = make_predict(loaded)
+    monkeypatch.setenv("ZOO_CPU_XLA_CONV", "0")
+    default_predict = make_predict(loaded)
+    monkeypatch.delenv("ZOO_CPU_XLA_CONV")
+    assert ynn_fusions(default_predict) >= 15  # ResNet-18: 20 convolutions and the classifier's dot
+    assert ynn_fusions(zoo_predict) <= 2  # the classifier's dot, the pooling's reduction
+    assert rel_err(default_predict(x), zoo_predict(x)) < 1e-5
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
+    assert jit_options() == {}
+    monkeypatch.delenv("XLA_FLAGS")
+    assert "compiler_options" in jit_options()

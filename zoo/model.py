@@ -11,6 +11,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from . import _cache
+from ._xla import jit_options
 from .io import Loaded, load_file
 
 _cache.enable()  # before anything is compiled: see zoo/_cache.py
@@ -96,7 +97,7 @@ def make_predict(loaded: Loaded, dtype: Any = jnp.float32) -> Callable[[Array], 
         net = build(loaded.plan, dtype)
         params, state = loaded.objects
 
-        @jax.jit
+        @functools.partial(jax.jit, **jit_options())
         def apply(params: Any, state: Any, x: Array) -> Array:
             out, _ = net.apply(params, state, None, jnp.transpose(x, (0, 2, 3, 1)), is_training=False)
             # Feature maps come back as PyTorch lays them out (NCHW), as from the Equinox model.
@@ -110,7 +111,7 @@ def make_predict(loaded: Loaded, dtype: Any = jnp.float32) -> Callable[[Array], 
 
     model, state = loaded.objects
 
-    @eqx.filter_jit
+    @functools.partial(eqx.filter_jit, **jit_options())
     def apply_eqx(model: Any, state: Any, x: Array) -> Array:
         # A lambda, not the module itself: JAX names a traced callable without `__code__` by its
         # str(), which for an Equinox module pretty-prints the whole tree (0.1 s of a ResNet-50's

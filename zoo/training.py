@@ -40,6 +40,7 @@ the model with `cross_replica_axis=` (Haiku's name for it) so the norms also ave
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import equinox as eqx
@@ -50,6 +51,7 @@ import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from . import _cache
+from ._xla import jit_options
 from .googlenet import GoogLeNetOutputs
 
 _cache.enable()  # before anything is compiled: see zoo/_cache.py
@@ -346,7 +348,7 @@ def make_eval_step(model: Any, *, label_smoothing: float = 0.0) -> Callable[...,
     `(params_or_model, state)` pair."""
     forward = _forward(model)
 
-    @eqx.filter_jit
+    @functools.partial(eqx.filter_jit, **jit_options())
     def evaluate(params: Any, state: Any, images: Array, labels: Array) -> dict[str, Array]:
         logits, _ = forward(params, state, images, None, False)
         loss, logits = classification_loss(logits, labels, label_smoothing=label_smoothing)
