@@ -27,9 +27,14 @@ _OFF = {"0", "false", "off", "no"}
 _state: dict[str, Optional[str]] = {}
 
 
+def switched_off(variable: str) -> bool:
+    """Whether the environment turns one of zoo's switches off (`0`, `false`, `off` or `no`)."""
+    return os.environ.get(variable, "1").strip().lower() in _OFF
+
+
 def cache_dir() -> Optional[Path]:
     """Where zoo puts compiled programs, or None when `ZOO_COMPILATION_CACHE` turns it off."""
-    if os.environ.get("ZOO_COMPILATION_CACHE", "1").strip().lower() in _OFF:
+    if switched_off("ZOO_COMPILATION_CACHE"):
         return None
     if os.environ.get("ZOO_CACHE_DIR"):
         return Path(os.environ["ZOO_CACHE_DIR"]).expanduser()
