@@ -1,6 +1,7 @@
 """The zoo file format: exact round trips, metadata, checked loading, safe writes."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -182,3 +183,29 @@ def test_zoo_functions_compile_cpu_convolutions_with_xla_s_own_emitter(tmp_path,
     assert jit_options() == {}
     monkeypatch.delenv("XLA_FLAGS")
     assert "compiler_options" in jit_options()
+
+
+def test_equinox_predict_reads_kernels_without_copying_them(tmp_path, checkpoint):
+    """Equinox weights are OIHW (PyTorch's layout); XLA's CPU convolutions read HWIO, so a predict
+    bound to the model as it is copied every kernel on every call (21 transposes in a ResNet-18,
+    halving batch-1 speed for a ResNet-50; docs/benchmarks.md). On a CPU, zoo's predict binds the
+    kernels transposed once. The logits are the model's own, and the model is left as it was."""
+    import equinox as eqx
+
+    from zoo.equinox import BATCH_AXIS
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the kernels are bound as they are on a GPU")
+    path = convert_to_file("resnet18", checkpoint, "equinox", tmp_path / "m.safetensors")
+    model = zoo.load(path)
+    predict = model._predict
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 61, 80)), jnp.float32)
+    hlo = predict.func.lower(*predict.args, x).compile().compiled.as_text()
+    copies = len(re.findall(r"= \S+ (?:transpose|copy)\(", hlo))
+    assert copies <= 4, copies  # the input's NCHW -> NHWC, and nothing per kernel
+
+    eqx_model, state = model.objects
+    assert eqx_model.conv1.weight.shape == (64, 3, 7, 7) and eqx_model.fc.weight.shape == (1000, 512)
+    direct = eqx.filter_jit(lambda m, s, x: jax.vmap(lambda xi: m(xi, s)[0], axis_name=BATCH_AXIS)(x))
+    expected = direct(eqx.nn.inference_mode(eqx_model), state, x)
+    assert rel_err(model.predict(x), expected) < 1e-5

@@ -108,15 +108,29 @@ def make_predict(loaded: Loaded, dtype: Any = jnp.float32) -> Callable[[Array], 
     import equinox as eqx
 
     from .equinox import BATCH_AXIS
+    from .equinox.layers import kernels_from_compute_layout, kernels_to_compute_layout
 
     model, state = loaded.objects
+    model = eqx.nn.inference_mode(model)
+    # On a CPU the kernels are bound transposed (HWIO, as Haiku stores them) and transposed back
+    # inside the program, where XLA makes that a bitcast. Bound as PyTorch's OIHW, every call
+    # copied every kernel into the convolution's layout: 54 transposes in a ResNet-50's optimized
+    # CPU program, 10% of a batch-8 call and half of a batch-1 one (docs/benchmarks.md). The price
+    # is a second copy of the kernels while the predict lives. Elsewhere the model is bound as it
+    # is: cuDNN's NHWC convolutions read OHWI kernels, neither layout (not measured: no GPU lent).
+    leaf = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))[0]
+    transposed = {d.platform for d in leaf.devices()} == {"cpu"}
+    bound = kernels_to_compute_layout(model) if transposed else model
 
     @functools.partial(eqx.filter_jit, **jit_options())
     def apply_eqx(model: Any, state: Any, x: Array) -> Array:
+        if transposed:
+            model = kernels_from_compute_layout(model)
         # A lambda, not the module itself: JAX names a traced callable without `__code__` by its
         # str(), which for an Equinox module pretty-prints the whole tree (0.1 s of a ResNet-50's
         # first call, every process, cached or not).
         batched = jax.vmap(lambda xi, s: model(xi, s), axis_name=BATCH_AXIS, in_axes=(0, None), out_axes=(0, None))
         return batched(x, state)[0]
 
-    return functools.partial(apply_eqx, eqx.nn.inference_mode(model), state)
+    return functools.partial(apply_eqx, bound, state)
+

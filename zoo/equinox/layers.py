@@ -182,6 +182,37 @@ class Conv1d(eqx.Module):
 KERNEL_MODULES = (Conv2d, Conv1d, Linear)
 
 
+# From PyTorch's kernel layouts (conv OIHW, Linear (out, in)) to the ones XLA's CPU convolution and
+# dot read (HWIO, (in, out): Haiku's), and back.
+_TO_COMPUTE = {4: (2, 3, 1, 0), 2: (1, 0)}
+_FROM_COMPUTE = {4: (3, 2, 0, 1), 2: (1, 0)}
+
+
+def _is_transposable(m: object) -> bool:
+    return isinstance(m, (Conv2d, Linear))
+
+
+def _kernels(model: eqx.Module) -> list[Array]:
+    return [m.weight for m in jax.tree_util.tree_leaves(model, is_leaf=_is_transposable) if _is_transposable(m)]
+
+
+# One program for all kernels (cached on disk like zoo's others): eager transposes would compile
+# one by one, ~0.9 s for a ResNet-50 in a fresh process against 0.08 s from the cache.
+_transpose_to_compute = jax.jit(lambda ws: [jnp.transpose(w, _TO_COMPUTE[w.ndim]) for w in ws])
+
+
+def kernels_to_compute_layout(model: eqx.Module) -> eqx.Module:
+    """The model with its conv and Linear kernels transposed to HWIO / (in, out), to bind to an
+    inference function once; not callable until `kernels_from_compute_layout` undoes it."""
+    return eqx.tree_at(_kernels, model, _transpose_to_compute(_kernels(model)))
+
+
+def kernels_from_compute_layout(model: eqx.Module) -> eqx.Module:
+    """Undoes `kernels_to_compute_layout`, inside a jitted function: there XLA lays each kernel
+    out as the argument already is, so the transposes cost nothing."""
+    return eqx.tree_at(_kernels, model, [jnp.transpose(w, _FROM_COMPUTE[w.ndim]) for w in _kernels(model)])
+
+
 class BlurPool(eqx.Module):
     """timm's BlurPool2d. Its filter is a constant built on the fly, not a leaf: timm does not
     save it either (a non-persistent buffer)."""
