@@ -62,3 +62,35 @@ def test_drop_path_zeroes_whole_samples_and_rescales():
     assert set(np.unique(per_sample)) <= {0.0, 2.0}
     assert all(len(np.unique(r)) == 1 for r in per_sample)
     assert ops.drop_path(x, 0.5, None, 0) is x
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dims", [("NHWC", "HWIO", "NHWC"), ("NHWC", "OIHW", "NHWC")])
+def test_pointwise_conv_is_a_dot_with_torch_s_values_and_gradients(stride, dims):
+    """1x1 convolutions run as dot products (XLA:CPU's GEMM paths are much faster than its
+    convolutions there, the kernel gradient above all): the forward and both gradients match
+    PyTorch's conv2d, with stride (every s-th pixel) and odd sizes, and the traced program has no
+    convolution left."""
+    x = torch.randn(2, 16, 15, 22, requires_grad=True)
+    w = torch.randn(24, 16, 1, 1, requires_grad=True)
+    b = torch.randn(24)
+    y = F.conv2d(x, w, b, stride=stride)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    w_layout = w.detach().numpy().transpose(2, 3, 1, 0) if dims[1] == "HWIO" else w.detach().numpy()
+
+    def f(x, w):
+        return ops.conv2d(x, w, jnp.asarray(b.numpy()), stride=stride, padding=0, dilation=1, groups=1,
+                          dimension_numbers=dims)
+
+    xj, wj = _nhwc(x.detach()), jnp.asarray(w_layout)
+    with jax.default_matmul_precision("highest"):
+        out, vjp = jax.vjp(f, xj, wj)
+        dx, dw = vjp(jnp.asarray(dy.numpy().transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(np.asarray(out), y.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx), x.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+    dw_ref = w.grad.numpy().transpose(2, 3, 1, 0) if dims[1] == "HWIO" else w.grad.numpy()
+    np.testing.assert_allclose(np.asarray(dw), dw_ref, rtol=1e-5, atol=1e-4)
+    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), argnums=(0, 1)))
+    assert "convolution" not in grad.lower(xj, wj).as_text()

@@ -64,6 +64,7 @@ def uniform_init(key: PRNGKeyArray, shape: tuple[int, ...], bound: float) -> Arr
 class Conv2d(eqx.Module):
     weight: Float[Array, "O I H W"]
     bias: Optional[Float[Array, " O"]]
+    kernel_size: int = eqx.field(static=True)
     stride: int = eqx.field(static=True)
     padding: int = eqx.field(static=True)
     dilation: int = eqx.field(static=True)
@@ -75,7 +76,7 @@ class Conv2d(eqx.Module):
         std = math.sqrt(2.0 / (spec.out_ch * spec.kernel * spec.kernel))
         self.weight = normal_init(key, shape, std)
         self.bias = jnp.zeros((spec.out_ch,), jnp.float32) if spec.bias else None
-        self.stride, self.padding = spec.stride, spec.padding
+        self.kernel_size, self.stride, self.padding = spec.kernel, spec.stride, spec.padding
         self.dilation, self.groups = spec.dilation, spec.groups
 
     def __call__(self, x: Float[Array, "H W C"]) -> Float[Array, "Ho Wo O"]:
@@ -189,7 +190,10 @@ _FROM_COMPUTE = {4: (3, 2, 0, 1), 2: (1, 0)}
 
 
 def _is_transposable(m: object) -> bool:
-    return isinstance(m, (Conv2d, Linear))
+    # Not the 1x1 convolutions that run as dot products: those read (O, I) kernels in place.
+    if isinstance(m, Conv2d):
+        return not ops.runs_as_dot((m.kernel_size, m.kernel_size), m.padding, m.groups)
+    return isinstance(m, Linear)
 
 
 def _kernels(model: eqx.Module) -> list[Array]:
