@@ -22,8 +22,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 
 # (name, in, out, kernel, stride, feature-map size divisor at the input, repeats in a ResNet-50)
 LAYERS = [
@@ -51,19 +49,13 @@ LAYERS = [
     ("layer4 1x1 512>2048", 512, 2048, 1, 1, 32, 3),
     ("layer4 1x1 2048>512", 2048, 512, 1, 1, 32, 2),
 ]
-# zoo's CPU inference setting (zoo/_xla.py): jaxlib 0.10's YNNPACK fusion list less convolutions.
-XLA_OWN = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 def med(fn, n: int) -> float:
-    fn()
-    fn()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    """Median seconds of n calls after two untimed ones (`zoo bench`'s measurement)."""
+    from zoo._bench import _measure
+
+    return _measure(fn, lambda out: out, warmup=1, repeats=n)["median_s"]
 
 
 def main() -> None:
@@ -80,6 +72,7 @@ def main() -> None:
     import torch
 
     from zoo import ops
+    from zoo._xla import _CPU_CONV as XLA_OWN  # zoo's CPU inference setting
 
     rng = np.random.default_rng(0)
     impls = ["XLA default", "XLA own emitter", "zoo", "PyTorch cl"]
