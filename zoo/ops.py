@@ -7,6 +7,7 @@ and Equinox's single CHW examples (both have their spatial axes at 1 and 2).
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence, Union
 
 import jax
@@ -17,6 +18,11 @@ from jaxtyping import Array, Float
 from .spec import PoolSpec
 
 SPATIAL = (1, 2)
+
+# Where 1x1 convolutions run as dot products (`conv2d`): "cpu" (compiled for a CPU), "all" or
+# "none". A switch for measuring that lever against XLA's convolutions (benchmarks/profile_gpu.py,
+# or ZOO_CONV_AS_DOT in a process's environment), read when a function is traced.
+_CONV_AS_DOT = os.environ.get("ZOO_CONV_AS_DOT", "cpu")
 
 
 def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
@@ -87,8 +93,24 @@ def global_avg_pool(x: Array, axes: Sequence[int] = SPATIAL) -> Array:
 
 
 def runs_as_dot(kernel: tuple[int, int], padding: int, groups: int) -> bool:
-    """Whether `conv2d` computes this convolution (channels-last input) as a dot product."""
-    return tuple(kernel) == (1, 1) and padding == 0 and groups == 1
+    """Whether `conv2d`, compiled for a CPU, computes this convolution (channels-last input) as a
+    dot product."""
+    return _CONV_AS_DOT != "none" and tuple(kernel) == (1, 1) and padding == 0 and groups == 1
+
+
+def _pointwise_dot(x: Array, w: Array, stride: int, dimension_numbers: tuple[str, str, str]) -> Array:
+    # A 1x1 convolution is a matrix product over channels; stride = taking every s-th pixel.
+    lhs, rhs, _ = dimension_numbers
+    if stride > 1:
+        idx = [slice(None)] * x.ndim
+        for d in "HW":
+            idx[lhs.index(d)] = slice(None, None, stride)
+        x = x[tuple(idx)]
+    # The kernel as a matrix in its stored order ((I, O) or (O, I)), contracted on I: no
+    # transpose (Equinox's OIHW kernels: an explicit one cost its train step ~20%).
+    i_first = rhs.index("I") < rhs.index("O")
+    w2 = w.reshape([w.shape[rhs.index(d)] for d in ("IO" if i_first else "OI")])
+    return jax.lax.dot_general(x, w2, (((x.ndim - 1,), (0 if i_first else 1,)), ((), ())))
 
 
 def conv2d(x: Array, w: Array, b: Optional[Array], *, stride: int, padding: int, dilation: int,
@@ -98,26 +120,26 @@ def conv2d(x: Array, w: Array, b: Optional[Array], *, stride: int, padding: int,
     w = w.astype(x.dtype)
     lhs, rhs, out = dimension_numbers
     kernel = (w.shape[rhs.index("H")], w.shape[rhs.index("W")])
-    if runs_as_dot(kernel, padding, groups) and lhs == out and lhs[-1] == "C":
-        # A 1x1 convolution is a matrix product over channels: as a dot, XLA:CPU runs it and its
-        # two gradients through its GEMM paths (a ResNet-50's 1x1 convolutions, forward and both
-        # gradients: 1.7x faster; the kernel gradient most; docs/benchmarks.md). The same values
-        # up to rounding. Stride = taking every s-th pixel.
-        if stride > 1:
-            idx = [slice(None)] * x.ndim
-            for d in "HW":
-                idx[lhs.index(d)] = slice(None, None, stride)
-            x = x[tuple(idx)]
-        # The kernel as a matrix in its stored order ((I, O) or (O, I)), contracted on I: no
-        # transpose (Equinox's OIHW kernels: an explicit one cost its train step ~20%).
-        i_first = rhs.index("I") < rhs.index("O")
-        w2 = w.reshape([w.shape[rhs.index(d)] for d in ("IO" if i_first else "OI")])
-        y = jax.lax.dot_general(x, w2, (((x.ndim - 1,), (0 if i_first else 1,)), ((), ())))
-    else:
-        y = jax.lax.conv_general_dilated(
+
+    def conv(x: Array, w: Array) -> Array:
+        return jax.lax.conv_general_dilated(
             x, w, window_strides=(stride, stride), padding=((padding, padding), (padding, padding)),
             rhs_dilation=(dilation, dilation), dimension_numbers=dimension_numbers,
             feature_group_count=groups)
+
+    if runs_as_dot(kernel, padding, groups) and lhs == out and lhs[-1] == "C":
+        # As a dot, XLA:CPU runs a 1x1 convolution and its two gradients through its GEMM paths (a
+        # ResNet-50's 1x1 convolutions, forward and both gradients: 1.7x faster, the kernel gradient
+        # most; docs/benchmarks.md). On a GPU the convolution stays: there cuDNN's was as fast or
+        # faster (H200, bf16 ResNet-50: inference 3-6% faster, training within 1%) and compiles
+        # sooner than the GEMMs XLA autotunes. Chosen when the program is lowered for a platform,
+        # so the compiler sees one of the two; the same values up to rounding.
+        def dot(x: Array, w: Array) -> Array:
+            return _pointwise_dot(x, w, stride, dimension_numbers)
+
+        y = dot(x, w) if _CONV_AS_DOT == "all" else jax.lax.platform_dependent(x, w, cpu=dot, default=conv)
+    else:
+        y = conv(x, w)
     if b is not None:
         c_axis = dimension_numbers[2].index("C")
         shape = [1] * y.ndim
