@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -65,7 +66,7 @@ else:
         holder["ts"], metrics = step(holder["ts"], x, y)
         jax.block_until_ready(metrics["loss"])
 t0 = time.perf_counter(); call(); t1 = time.perf_counter(); call(); t2 = time.perf_counter()
-print(json.dumps({"first_s": t1 - t0, "second_s": t2 - t1, "load_s": load_s}))
+print(json.dumps({"first_s": t1 - t0, "second_s": t2 - t1, "load_s": load_s, "device": str(jax.devices()[0])}))
 """
 
 
@@ -97,11 +98,13 @@ def main() -> None:
     ap.add_argument("--train-batch", type=int, default=4)
     ap.add_argument("--train-size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--modes", nargs="+", default=["off", "cold", "warm"], choices=["off", "cold", "warm"],
+                    help="which processes to run: cache off, cold, warm (warm needs cold)")
     ap.add_argument("--out", default="benchmarks/results/startup_cpu.json")
     args = ap.parse_args()
-
-    import jax
-    import torch
+    modes = set(args.modes)
+    if "warm" in modes:
+        modes.add("cold")  # a warm process reads the cache its cold one filled
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,18 +121,20 @@ def main() -> None:
                 work.append({"kind": "train step", "arch": arch, "framework": fw,
                              "batch": args.train_batch, "size": args.train_size})
         for spec in work:
-            runs: dict[str, list[dict]] = {"off": [], "cold": [], "warm": []}
+            runs: dict[str, list[dict]] = {m: [] for m in ("off", "cold", "warm") if m in modes}
             for r in range(args.repeats):
                 cache = os.path.join(tmp, f"cache-{len(rows)}-{r}")
-                runs["off"].append(_child(spec, {"ZOO_COMPILATION_CACHE": "0"}))
-                runs["cold"].append(_child(spec, {"ZOO_CACHE_DIR": cache}))
-                runs["warm"].append(_child(spec, {"ZOO_CACHE_DIR": cache}))
+                for mode in runs:
+                    env = {"ZOO_COMPILATION_CACHE": "0"} if mode == "off" else {"ZOO_CACHE_DIR": cache}
+                    runs[mode].append(_child(spec, env))
             row = {k: v for k, v in spec.items() if k != "file"}
-            for mode, rs in runs.items():
-                row[f"{mode}_first_s"] = statistics.median(x["first_s"] for x in rs)
-                row[f"{mode}_overhead_s"] = statistics.median(x["first_s"] - x["second_s"] for x in rs)
+            for mode in ("off", "cold", "warm"):
+                rs = runs.get(mode, [])
+                row[f"{mode}_first_s"] = statistics.median(x["first_s"] for x in rs) if rs else math.nan
+                row[f"{mode}_overhead_s"] = (statistics.median(x["first_s"] - x["second_s"] for x in rs)
+                                             if rs else math.nan)
                 if spec["kind"] == "predict":
-                    row[f"{mode}_load_s"] = statistics.median(x["load_s"] for x in rs)
+                    row[f"{mode}_load_s"] = statistics.median(x["load_s"] for x in rs) if rs else math.nan
                 row[f"{mode}_runs"] = rs
             row["speedup_first"] = row["cold_first_s"] / row["warm_first_s"]
             row["speedup_overhead"] = row["cold_overhead_s"] / row["warm_overhead_s"]
@@ -138,12 +143,8 @@ def main() -> None:
                   f"{row['off_first_s']:.2f}s, cold {row['cold_first_s']:.2f}s, warm {row['warm_first_s']:.2f}s "
                   f"({row['speedup_first']:.1f}x); overhead cold {row['cold_overhead_s']:.2f}s -> warm "
                   f"{row['warm_overhead_s']:.2f}s ({row['speedup_overhead']:.1f}x)", flush=True)
-    result = {"config": vars(args), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-              "jax": jax.__version__, "jax_devices": [str(d) for d in jax.devices()], "torch": torch.__version__,
-              "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+            _write(args, rows)
+    _write(args, rows)
     print("| workload | model | framework | first call, cache off | cold | warm | cold/warm | "
           "overhead cold | overhead warm | cold/warm | zoo.load cold / warm |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -151,6 +152,19 @@ def main() -> None:
         print(f"| {r['kind']} | {r['arch']} | {r['framework']} | {r['off_first_s']:.2f} s | {r['cold_first_s']:.2f} s | "
               f"{r['warm_first_s']:.2f} s | {r['speedup_first']:.1f}× | {r['cold_overhead_s']:.2f} s | "
               f"{r['warm_overhead_s']:.2f} s | {r['speedup_overhead']:.1f}× | {_load(r)} |")
+
+
+def _write(args: argparse.Namespace, rows: list) -> None:
+    # After every workload: a time limit that stops the run keeps the rows measured so far. The
+    # device is each child's (runs[].device): this process must not take a GPU from its children.
+    import jax
+    import torch
+
+    result = {"config": vars(args), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+              "jax": jax.__version__, "torch": torch.__version__, "rows": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
 
 
 def _load(row: dict) -> str:

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# What one lent-GPU call runs for the performance issue (see ../shared/gpu/README.md): `zoo bench`
+# What lent-GPU calls run for the performance issue (see ../shared/gpu/README.md): `zoo bench`
 # in bf16 at batch 256 for ResNet-50 and GoogLeNet (inference and a training step, zoo beside
 # PyTorch eager, channels_last and torch.compile), the start-up benchmark (cold and warm compilation
-# cache in fresh processes), and fp32 parity on the GPU at highest precision.
-# Usage (device tool, carry [".whl"]): bash scripts/gpu_perf_run.sh   (writes under $OUT)
+# cache in fresh processes), a kernel profile of ResNet-50's rows (with 1x1 convolutions as dots
+# and as convolutions), and fp32 parity on the GPU at highest precision.
+# Usage (device tool, carry [".whl"]): STAGES="bench startup" bash scripts/gpu_perf_run.sh, then
+# STAGES="profile parity" (all four, the default, do not fit one 10-minute call); writes under $OUT.
 # Each stage has its own time limit (env overrides) so that one slow stage cannot eat the call.
 # A dry run on the CPU: DEVICE=cpu BATCH=2 SIZE=64 BENCH_ARGS="--impl zoo-haiku,torch-eager-nchw" \
-#   STARTUP_ARGS="--predict-archs test_resnet --train-archs --create-archs" OUT=/tmp/out bash scripts/gpu_perf_run.sh
+#   STARTUP_ARGS="--predict-archs test_resnet --train-archs --create-archs" PROFILE_ARCH=test_resnet \
+#   PARITY_MODELS=test_resnet OUT=/tmp/out bash scripts/gpu_perf_run.sh
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
@@ -24,13 +27,29 @@ bench() {  # arch mode seconds [extra args]
     | grep -v Warning | tee "$OUT/bench_${arch}_${mode}.log" | tail -12
   echo "bench $arch $mode rc ${PIPESTATUS[0]}"
 }
-bench resnet50 both "${R50_S:-200}"
-bench googlenet both "${GOOGLENET_S:-200}"
+STAGES=${STAGES:-"bench startup profile parity"}
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+if has bench; then
+  bench resnet50 both "${R50_S:-240}"
+  bench googlenet both "${GOOGLENET_S:-200}"
+fi
 
-STARTUP_ARGS=${STARTUP_ARGS:-"--predict-archs resnet50 googlenet --train-archs resnet50 --create-archs"}
-timeout "${STARTUP_S:-100}" python3 benchmarks/bench_startup.py $STARTUP_ARGS --frameworks haiku equinox \
-  --repeats 1 --out "$OUT/startup_${DEVICE:-gpu}.json" 2>&1 \
-  | grep -v Warning | tail -12
+if has startup; then
+  STARTUP_ARGS=${STARTUP_ARGS:-"--predict-archs resnet50 --train-archs resnet50 --create-archs"}
+  timeout "${STARTUP_S:-80}" python3 benchmarks/bench_startup.py $STARTUP_ARGS --frameworks haiku equinox \
+    --modes cold warm --repeats 1 --out "$OUT/startup_${DEVICE:-gpu}.json" 2>&1 | grep -v Warning | tail -12
+  echo "startup rc ${PIPESTATUS[0]}"
+fi
 
-timeout "${TEST_S:-60}" python3 -m pytest -q -p no:cacheprovider -x tests/test_cli.py -k verify \
-  > "$OUT/tests.log" 2>&1; echo "pytest rc $?"; tail -3 "$OUT/tests.log"
+if has profile; then
+  timeout "${PROFILE_S:-130}" python3 benchmarks/profile_gpu.py "${PROFILE_ARCH:-resnet50}" --device "${DEVICE:-gpu}" \
+    --batch "${BATCH:-256}" --size "${SIZE:-224}" --dots cpu all --out "$OUT/profile_${DEVICE:-gpu}.json" 2>&1 \
+    | grep -v -i "warning\|USDT\|profiler_st" | tail -20
+  echo "profile rc ${PIPESTATUS[0]}"
+fi
+
+if has parity; then
+  timeout "${TEST_S:-45}" python3 scripts/parity_report.py --models ${PARITY_MODELS:-resnet50} --sizes 97x131 \
+    --device "${DEVICE:-gpu}" --out "$OUT/parity_${DEVICE:-gpu}" > "$OUT/parity.log" 2>&1
+  echo "parity rc $?"; grep -v -i warning "$OUT/parity.log" | tail -8
+fi

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import os
 import platform
 import statistics
@@ -313,12 +314,13 @@ def _zoo_train(arch: str, impl: str, state_dict: Any, images: Any, labels: Any, 
         # jit signature, and the second call would compile again (inside the timed calls).
         ts = jax.tree_util.tree_map(lambda a: jax.device_put(a, jdev) if isinstance(a, jax.Array) else a, ts)
         # Made before timing: splitting inside a call would time a dispatch that is no part of a step.
-        keys = list(jax.random.split(jax.random.key(1), 1 + warmup + repeats))
+        # (Cycled: a caller may make more calls than the timed ones, e.g. under a profiler.)
+        keys = itertools.cycle(list(jax.random.split(jax.random.key(1), 1 + warmup + repeats)))
         holder = {"ts": ts}
         del ts, params, state, loaded  # the first step donates the state: only the holder's may be used
 
         def call() -> Any:
-            holder["ts"], metrics = step(holder["ts"], x, y, keys.pop())
+            holder["ts"], metrics = step(holder["ts"], x, y, next(keys))
             return metrics["loss"]
 
         return _measure(call, jax.block_until_ready, warmup, repeats)
