@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from . import _cache
+from . import _cache, _jit
 from ._xla import jit_options
 from .io import Loaded, load_file
 
@@ -118,13 +118,20 @@ def make_predict(loaded: Loaded, dtype: Any = jnp.float32) -> Callable[[Array], 
     # kernel: 54 transposes in a ResNet-50's optimized CPU program, 10% of a batch-8 call and half
     # of a batch-1 one (docs/benchmarks.md). The price is a second copy of those kernels while the
     # predict lives. Elsewhere the model is bound as it is: cuDNN's NHWC convolutions read OHWI
-    # kernels, neither layout (not measured: no GPU lent).
+    # kernels, neither layout (on an H200 its convolution kernels took the time Haiku's did).
     leaf = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))[0]
     transposed = {d.platform for d in leaf.devices()} == {"cpu"}
     bound = kernels_to_compute_layout(model) if transposed else model
 
-    @functools.partial(eqx.filter_jit, **jit_options())
-    def apply_eqx(model: Any, state: Any, x: Array) -> Array:
+    # The model goes in as its list of arrays, flattened once here: an Equinox module flattens in
+    # Python, and `filter_jit` did that, and partitioned it, in every call (host time that a GPU
+    # waits for; docs/benchmarks.md).
+    arrays, static = eqx.partition(bound, eqx.is_array)
+    leaves, treedef = jax.tree_util.tree_flatten(arrays)
+
+    @functools.partial(_jit.jit, **jit_options())
+    def apply_eqx(leaves: list[Array], state: Any, x: Array) -> Array:
+        model = eqx.combine(jax.tree_util.tree_unflatten(treedef, leaves), static)
         if transposed:
             model = kernels_from_compute_layout(model)
         # A lambda, not the module itself: JAX names a traced callable without `__code__` by its
@@ -133,5 +140,5 @@ def make_predict(loaded: Loaded, dtype: Any = jnp.float32) -> Callable[[Array], 
         batched = jax.vmap(lambda xi, s: model(xi, s), axis_name=BATCH_AXIS, in_axes=(0, None), out_axes=(0, None))
         return batched(x, state)[0]
 
-    return functools.partial(apply_eqx, bound, state)
+    return functools.partial(apply_eqx, leaves, state)
 

@@ -50,7 +50,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from . import _cache
+from . import _cache, _jit
 from ._xla import jit_options
 from .googlenet import GoogLeNetOutputs
 
@@ -303,7 +303,7 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, *, labe
     """
     step = _step_body(model, optimizer, label_smoothing=label_smoothing, aux_weight=aux_weight, remat=remat)
     # The batch first and not donated (callers may reuse it); the state's buffers are donated.
-    return _with_batch_first(eqx.filter_jit(step, donate="all-except-first"))
+    return _with_batch_first(_jit.jit(step, donate_argnums=(1,)))
 
 
 def make_shard_map_train_step(model: Any, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh, *,
@@ -339,7 +339,7 @@ def make_shard_map_train_step(model: Any, optimizer: optax.GradientTransformatio
         new, metrics = mapped(batch, dynamic)
         return eqx.combine(new, static), metrics
 
-    return _with_batch_first(eqx.filter_jit(step, donate="all-except-first"))
+    return _with_batch_first(_jit.jit(step, donate_argnums=(1,)))
 
 
 def make_eval_step(model: Any, *, label_smoothing: float = 0.0) -> Callable[..., dict[str, Array]]:
@@ -348,7 +348,7 @@ def make_eval_step(model: Any, *, label_smoothing: float = 0.0) -> Callable[...,
     `(params_or_model, state)` pair."""
     forward = _forward(model)
 
-    @functools.partial(eqx.filter_jit, **jit_options())
+    @functools.partial(_jit.jit, **jit_options())
     def evaluate(params: Any, state: Any, images: Array, labels: Array) -> dict[str, Array]:
         logits, _ = forward(params, state, images, None, False)
         loss, logits = classification_loss(logits, labels, label_smoothing=label_smoothing)
