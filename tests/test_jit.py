@@ -42,3 +42,24 @@ def test_jit_traces_arrays_holds_the_rest_static_and_donates():
 
     hlo = jitted.lower((np.float32(1.0),), _Model(jnp.ones(3), 5, jax.nn.relu)).compile().as_text()
     assert "multiply" in hlo
+
+
+def test_jit_traces_zoo_s_ops_for_the_platform_of_its_arguments():
+    """zoo's 1x1 convolutions are dot products on a CPU and convolutions elsewhere. Through
+    `zoo._jit` (zoo's steps) the arguments' platform picks the form while tracing; under a plain
+    `jax.jit` both are staged out (`platform_dependent`, one conditional each: slower to trace, most
+    of all under Equinox's vmap) and lowering picks one."""
+    from zoo import ops
+
+    def f(x, w):
+        return ops.conv2d(x, w, None, stride=1, padding=0, dilation=1, groups=1,
+                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    x, w = jnp.ones((1, 4, 5, 3)), jnp.ones((1, 1, 3, 6))
+    platform = next(iter(x.devices())).platform
+    text = _jit.jit(f).lower(x, w).as_text()
+    assert "stablehlo.case" not in text
+    assert ("dot_general" in text) == (platform == "cpu") and ("convolution" in text) == (platform != "cpu")
+    assert "stablehlo.case" in jax.jit(f).lower(x, w).as_text()
+    with ops.tracing_for("gpu"):  # a new function: JAX caches traces per function
+        assert "convolution" in jax.jit(lambda x, w: f(x, w)).lower(x, w).as_text()

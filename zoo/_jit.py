@@ -6,15 +6,18 @@ state) and returns a new one. `eqx.filter_jit` spent 4.8-6.4 ms of Python per ca
 ResNet-50's state (1.2-1.7 ms on Haiku's) before and after the compiled program, measured with a
 step that computes nothing; on an H200 the Equinox step's calls were 3.5 ms longer than its kernels
 beyond Haiku's (docs/benchmarks.md). Here one flatten per argument, one cache lookup and one
-unflatten of the result remain (1.9 ms and 0.8 ms on the same states).
+unflatten of the result remain (1.9 ms and 0.8 ms on the same states). The function is traced for
+the platform its arguments are on (`ops.tracing_for`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
+
+from . import ops
 
 _tu = jax.tree_util
 
@@ -37,6 +40,20 @@ def _join(spec: tuple[Any, tuple[bool, ...], tuple[Any, ...]], traced: Sequence[
     return _tu.tree_unflatten(treedef, [next(it) if m else s for m, s in zip(mask, static)])
 
 
+def _platform(traced: Sequence[Sequence[Any]]) -> Optional[str]:
+    """Where the call runs: the first JAX array's platform (JAX and zoo's steps keep arguments on
+    one device or one mesh); NumPy arguments alone: JAX's default backend; called inside another
+    transformation (tracers): unknown."""
+    tracer = False
+    for leaves in traced:
+        for leaf in leaves:
+            if isinstance(leaf, jax.core.Tracer):
+                tracer = True
+            elif isinstance(leaf, jax.Array):
+                return next(iter(leaf.devices())).platform
+    return None if tracer else jax.default_backend()
+
+
 class Jitted:
     """`fn` jitted over the array leaves of its positional arguments; `donate_argnums` donates
     those arguments' arrays. Other keyword arguments go to `jax.jit`. One compiled program per
@@ -52,13 +69,15 @@ class Jitted:
 
     def _entry(self, args: tuple[Any, ...]) -> tuple[Any, dict[str, Any], list[list[Any]]]:
         specs, traced = zip(*map(_split, args)) if args else ((), ())
-        key = tuple(specs)
+        platform = _platform(traced)
+        key = (tuple(specs), platform)
         entry = self._cache.get(key)
         if entry is None:
             out: dict[str, Any] = {}
 
             def inner(*traced_args: list[Any]) -> list[Any]:
-                result = self._fn(*(_join(s, t) for s, t in zip(key, traced_args)))
+                with ops.tracing_for(platform):
+                    result = self._fn(*(_join(s, t) for s, t in zip(key[0], traced_args)))
                 out["spec"], leaves = _split(result)
                 return leaves
 

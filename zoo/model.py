@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from . import _cache, _jit
+from . import _cache, _jit, ops
 from ._xla import jit_options
 from .io import Loaded, load_file
 
@@ -88,6 +88,14 @@ class Model:
         return cls(loaded, make_predict(loaded, dtype))
 
 
+def _platform_of(tree: Any) -> str:
+    """The platform of a model's arrays (numpy ones go to JAX's default backend)."""
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if isinstance(leaf, jax.Array):
+            return next(iter(leaf.devices())).platform
+    return jax.default_backend()
+
+
 def make_predict(loaded: Loaded, dtype: Any = jnp.float32) -> Callable[[Array], Array]:
     # Parameters go in as arguments, never as closed-over constants: a jitted closure would embed
     # every weight in the executable (compile time and memory grow with the model).
@@ -96,10 +104,12 @@ def make_predict(loaded: Loaded, dtype: Any = jnp.float32) -> Callable[[Array], 
 
         net = build(loaded.plan, dtype)
         params, state = loaded.objects
+        platform = _platform_of(params)
 
         @functools.partial(jax.jit, **jit_options())
         def apply(params: Any, state: Any, x: Array) -> Array:
-            out, _ = net.apply(params, state, None, jnp.transpose(x, (0, 2, 3, 1)), is_training=False)
+            with ops.tracing_for(platform):
+                out, _ = net.apply(params, state, None, jnp.transpose(x, (0, 2, 3, 1)), is_training=False)
             # Feature maps come back as PyTorch lays them out (NCHW), as from the Equinox model.
             return jax.tree_util.tree_map(lambda a: jnp.transpose(a, (0, 3, 1, 2)) if a.ndim == 4 else a, out)
 

@@ -6,6 +6,8 @@ and Equinox's single CHW examples (both have their spatial axes at 1 and 2).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 from typing import Optional, Sequence, Union
@@ -23,6 +25,22 @@ SPATIAL = (1, 2)
 # "none". A switch for measuring that lever against XLA's convolutions (benchmarks/profile_gpu.py,
 # or ZOO_CONV_AS_DOT in a process's environment), read when a function is traced.
 _CONV_AS_DOT = os.environ.get("ZOO_CONV_AS_DOT", "cpu")
+
+# The platform a function being traced will run on, where the caller knows it (zoo's own jitted
+# functions: `zoo._jit`, the predicts). Unknown, `conv2d` stages both forms out with
+# `jax.lax.platform_dependent`, whose tracing (a conditional per 1x1 convolution, batched again
+# under Equinox's vmap) cost an Equinox GoogLeNet predict 0.2 s of each process's first call.
+_PLATFORM: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("zoo_platform", default=None)
+
+
+@contextlib.contextmanager
+def tracing_for(platform: Optional[str]):
+    """Trace zoo's ops for `platform` ("cpu", "gpu", ...; None: unknown)."""
+    token = _PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _PLATFORM.reset(token)
 
 
 def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
@@ -132,12 +150,18 @@ def conv2d(x: Array, w: Array, b: Optional[Array], *, stride: int, padding: int,
         # ResNet-50's 1x1 convolutions, forward and both gradients: 1.7x faster, the kernel gradient
         # most; docs/benchmarks.md). On a GPU the convolution stays: there cuDNN's was as fast or
         # faster (H200, bf16 ResNet-50: inference 3-6% faster, training within 1%) and compiles
-        # sooner than the GEMMs XLA autotunes. Chosen when the program is lowered for a platform,
-        # so the compiler sees one of the two; the same values up to rounding.
+        # sooner than the GEMMs XLA autotunes. Chosen for the platform traced for, else when the
+        # program is lowered; the compiler sees one of the two. The same values up to rounding.
         def dot(x: Array, w: Array) -> Array:
             return _pointwise_dot(x, w, stride, dimension_numbers)
 
-        y = dot(x, w) if _CONV_AS_DOT == "all" else jax.lax.platform_dependent(x, w, cpu=dot, default=conv)
+        platform = _PLATFORM.get()
+        if _CONV_AS_DOT == "all" or platform == "cpu":
+            y = dot(x, w)
+        elif platform is not None:
+            y = conv(x, w)
+        else:
+            y = jax.lax.platform_dependent(x, w, cpu=dot, default=conv)
     else:
         y = conv(x, w)
     if b is not None:
