@@ -4,8 +4,9 @@
 # PyTorch eager, channels_last and torch.compile), the start-up benchmark (cold and warm compilation
 # cache in fresh processes), a kernel profile of ResNet-50's rows (with 1x1 convolutions as dots
 # and as convolutions), and fp32 parity on the GPU at highest precision.
-# Usage (device tool, carry [".whl"]): STAGES="bench startup" bash scripts/gpu_perf_run.sh, then
-# STAGES="profile parity" (all four, the default, do not fit one 10-minute call); writes under $OUT.
+# Usage (device tool, carry [".whl"]): STAGES=bench bash scripts/gpu_perf_run.sh (~8 min), then
+# STAGES="startup profile parity" (~6 min; all four, the default, do not fit one 10-minute call).
+# Writes under $OUT. On an H200 (2026-11-26) the bench stage's GoogLeNet run needed more than 180 s.
 # Each stage has its own time limit (env overrides) so that one slow stage cannot eat the call.
 # A dry run on the CPU: DEVICE=cpu BATCH=2 SIZE=64 BENCH_ARGS="--impl zoo-haiku,torch-eager-nchw" \
 #   STARTUP_ARGS="--predict-archs test_resnet --train-archs --create-archs" PROFILE_ARCH=test_resnet \
@@ -30,13 +31,13 @@ bench() {  # arch mode seconds [extra args]
 STAGES=${STAGES:-"bench startup profile parity"}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 if has bench; then
-  bench resnet50 both "${R50_S:-240}"
-  bench googlenet both "${GOOGLENET_S:-200}"
+  bench resnet50 both "${R50_S:-230}"
+  bench googlenet both "${GOOGLENET_S:-260}"
 fi
 
 if has startup; then
   STARTUP_ARGS=${STARTUP_ARGS:-"--predict-archs resnet50 --train-archs resnet50 --create-archs"}
-  timeout "${STARTUP_S:-80}" python3 benchmarks/bench_startup.py $STARTUP_ARGS --frameworks haiku equinox \
+  timeout "${STARTUP_S:-120}" python3 benchmarks/bench_startup.py $STARTUP_ARGS --frameworks haiku equinox \
     --modes cold warm --repeats 1 --out "$OUT/startup_${DEVICE:-gpu}.json" 2>&1 | grep -v Warning | tail -12
   echo "startup rc ${PIPESTATUS[0]}"
 fi
@@ -49,7 +50,7 @@ if has profile; then
 fi
 
 if has parity; then
-  timeout "${TEST_S:-45}" python3 scripts/parity_report.py --models ${PARITY_MODELS:-resnet50} --sizes 97x131 \
+  timeout "${TEST_S:-90}" python3 scripts/parity_report.py --models ${PARITY_MODELS:-resnet50} --sizes 97x131 \
     --device "${DEVICE:-gpu}" --out "$OUT/parity_${DEVICE:-gpu}" > "$OUT/parity.log" 2>&1
   echo "parity rc $?"; grep -v -i warning "$OUT/parity.log" | tail -8
 fi
