@@ -12,7 +12,8 @@ the platform its arguments are on (`ops.tracing_for`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+import itertools
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -40,17 +41,16 @@ def _join(spec: tuple[Any, tuple[bool, ...], tuple[Any, ...]], traced: Sequence[
     return _tu.tree_unflatten(treedef, [next(it) if m else s for m, s in zip(mask, static)])
 
 
-def _platform(traced: Sequence[Sequence[Any]]) -> Optional[str]:
-    """Where the call runs: the first JAX array's platform (JAX and zoo's steps keep arguments on
-    one device or one mesh); NumPy arguments alone: JAX's default backend; called inside another
-    transformation (tracers): unknown."""
+def platform_of(leaves: Iterable[Any]) -> Optional[str]:
+    """Where a computation on these leaves runs: the first JAX array's platform (JAX and zoo's
+    steps keep arguments on one device or one mesh); NumPy arrays alone: JAX's default backend;
+    inside another transformation (tracers only): unknown."""
     tracer = False
-    for leaves in traced:
-        for leaf in leaves:
-            if isinstance(leaf, jax.core.Tracer):
-                tracer = True
-            elif isinstance(leaf, jax.Array):
-                return next(iter(leaf.devices())).platform
+    for leaf in leaves:
+        if isinstance(leaf, jax.core.Tracer):
+            tracer = True
+        elif isinstance(leaf, jax.Array):
+            return next(iter(leaf.devices())).platform
     return None if tracer else jax.default_backend()
 
 
@@ -69,7 +69,7 @@ class Jitted:
 
     def _entry(self, args: tuple[Any, ...]) -> tuple[Any, dict[str, Any], list[list[Any]]]:
         specs, traced = zip(*map(_split, args)) if args else ((), ())
-        platform = _platform(traced)
+        platform = platform_of(itertools.chain.from_iterable(traced))
         key = (tuple(specs), platform)
         entry = self._cache.get(key)
         if entry is None:

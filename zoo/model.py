@@ -88,14 +88,6 @@ class Model:
         return cls(loaded, make_predict(loaded, dtype))
 
 
-def _platform_of(tree: Any) -> str:
-    """The platform of a model's arrays (numpy ones go to JAX's default backend)."""
-    for leaf in jax.tree_util.tree_leaves(tree):
-        if isinstance(leaf, jax.Array):
-            return next(iter(leaf.devices())).platform
-    return jax.default_backend()
-
-
 def make_predict(loaded: Loaded, dtype: Any = jnp.float32) -> Callable[[Array], Array]:
     # Parameters go in as arguments, never as closed-over constants: a jitted closure would embed
     # every weight in the executable (compile time and memory grow with the model).
@@ -104,7 +96,7 @@ def make_predict(loaded: Loaded, dtype: Any = jnp.float32) -> Callable[[Array], 
 
         net = build(loaded.plan, dtype)
         params, state = loaded.objects
-        platform = _platform_of(params)
+        platform = _jit.platform_of(jax.tree_util.tree_leaves(params))
 
         @functools.partial(jax.jit, **jit_options())
         def apply(params: Any, state: Any, x: Array) -> Array:
@@ -129,8 +121,7 @@ def make_predict(loaded: Loaded, dtype: Any = jnp.float32) -> Callable[[Array], 
     # of a batch-1 one (docs/benchmarks.md). The price is a second copy of those kernels while the
     # predict lives. Elsewhere the model is bound as it is: cuDNN's NHWC convolutions read OHWI
     # kernels, neither layout (on an H200 its convolution kernels took the time Haiku's did).
-    leaf = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))[0]
-    transposed = {d.platform for d in leaf.devices()} == {"cpu"}
+    transposed = _jit.platform_of(jax.tree_util.tree_leaves(model)) == "cpu"
     bound = kernels_to_compute_layout(model) if transposed else model
 
     # The model goes in as its list of arrays, flattened once here: an Equinox module flattens in
