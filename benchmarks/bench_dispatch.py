@@ -55,6 +55,7 @@ def main() -> None:
     import zoo.haiku
     import zoo.training as zt
     from zoo import _jit
+    from zoo.io import Loaded
     from zoo.model import make_predict
 
     tx = optax.sgd(0.1, momentum=0.9)
@@ -101,9 +102,7 @@ def main() -> None:
 
                 calls[(kind, name)] = call
         if fw == "equinox":
-            loaded = type("L", (), {})()  # what make_predict reads of a Loaded
-            loaded.framework, loaded.objects = "equinox", (params, state)
-            new_predict = make_predict(loaded)
+            new_predict = make_predict(Loaded(objects=(params, state), plan=None, metadata={}, framework="equinox"))
             old = eqx.filter_jit(lambda m, s, x: jax.vmap(lambda xi: m(xi, s)[0], axis_name=zoo.equinox.BATCH_AXIS)(x))
             inf = eqx.nn.inference_mode(params)
             calls[("predict", "eqx.filter_jit")] = lambda: old(inf, state, x)
