@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 import os
 from typing import Optional, Sequence, Union
@@ -217,6 +218,30 @@ def normalize(x: Array, mean: Array, var: Array, scale: Array, offset: Array, ep
     centred = x.astype(ct) - mean.astype(ct).reshape(shape)
     y = centred * inv.reshape(shape) + offset.astype(ct).reshape(shape)
     return y.astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "channel_axis"))
+def batch_norm_eval(x: Float[Array, "..."], running_mean: Array, running_var: Array, scale: Array, offset: Array,
+                    *, eps: float, channel_axis: int) -> Array:
+    """Inference-mode BatchNorm (`normalize` with the running statistics), jitted so that its
+    trace is cached per shape (see `batch_norm_train`)."""
+    return normalize(x, running_mean, running_var, scale, offset, eps, channel_axis)
+
+
+@functools.partial(jax.jit, static_argnames=("axes", "axis_name", "eps", "channel_axis", "momentum"))
+def batch_norm_train(x: Float[Array, "..."], running_mean: Array, running_var: Array, scale: Array, offset: Array,
+                     *, axes: tuple[int, ...], axis_name: Union[None, str, tuple[str, ...]], eps: float,
+                     channel_axis: int, momentum: float) -> tuple[Array, Array, Array]:
+    """Training-mode BatchNorm: the map normalised with batch statistics (`bn_moments` across
+    `axes` and `axis_name`), and the running mean and variance updated as PyTorch does.
+
+    One jitted function, so tracing it is cached per shape: a ResNet-50 has 53 BatchNorms of about
+    ten shapes, and vmap, the gradient and lowering then reuse each shape's trace instead of
+    re-tracing every jnp op of every BatchNorm (most of a train step's tracing, which every
+    process pays, compilation cache or not). XLA inlines the call: the same program."""
+    mean, var, unbiased = bn_moments(x, axes, axis_name)
+    y = normalize(x, mean, var, scale, offset, eps, channel_axis)
+    return y, ema_update(running_mean, mean, momentum), ema_update(running_var, unbiased, momentum)
 
 
 def group_norm(x: Float[Array, "..."], groups: int, scale: Array, offset: Array, eps: float,

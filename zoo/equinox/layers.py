@@ -109,12 +109,12 @@ class BatchNorm(eqx.Module):
                  ) -> tuple[Float[Array, "H W C"], eqx.nn.State]:
         running_mean, running_var = state.get(self.state_index)
         if self.inference:
-            mean, var = running_mean, running_var
-        else:
-            mean, var, unbiased = ops.bn_moments(x, SPATIAL_AXES, self.axis_name)
-            state = state.set(self.state_index, (ops.ema_update(running_mean, mean, MOMENTUM),
-                                                 ops.ema_update(running_var, unbiased, MOMENTUM)))
-        return ops.normalize(x, mean, var, self.weight, self.bias, self.eps, channel_axis=CHANNEL_AXIS), state
+            return ops.batch_norm_eval(x, running_mean, running_var, self.weight, self.bias, eps=self.eps,
+                                       channel_axis=CHANNEL_AXIS), state
+        y, new_mean, new_var = ops.batch_norm_train(
+            x, running_mean, running_var, self.weight, self.bias, axes=tuple(SPATIAL_AXES), axis_name=self.axis_name,
+            eps=self.eps, channel_axis=CHANNEL_AXIS, momentum=MOMENTUM)
+        return y, state.set(self.state_index, (new_mean, new_var))
 
 
 class GroupNorm(eqx.Module):

@@ -98,12 +98,13 @@ class Norm(hk.Module):
         running_mean = hk.get_state("mean", (s.channels,), jnp.float32, jnp.zeros)
         running_var = hk.get_state("var", (s.channels,), jnp.float32, jnp.ones)
         if is_training:
-            mean, var, unbiased = ops.bn_moments(x, (0, 1, 2), _CROSS_REPLICA_AXIS.get())
-            hk.set_state("mean", ops.ema_update(running_mean, mean, MOMENTUM))
-            hk.set_state("var", ops.ema_update(running_var, unbiased, MOMENTUM))
-        else:
-            mean, var = running_mean, running_var
-        return ops.normalize(x, mean, var, scale, offset, s.eps, channel_axis=-1)
+            y, new_mean, new_var = ops.batch_norm_train(
+                x, running_mean, running_var, scale, offset, axes=(0, 1, 2), axis_name=_CROSS_REPLICA_AXIS.get(),
+                eps=s.eps, channel_axis=-1, momentum=MOMENTUM)
+            hk.set_state("mean", new_mean)
+            hk.set_state("var", new_var)
+            return y
+        return ops.batch_norm_eval(x, running_mean, running_var, scale, offset, eps=s.eps, channel_axis=-1)
 
 
 class Linear(hk.Module):
