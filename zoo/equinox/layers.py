@@ -112,7 +112,7 @@ class BatchNorm(eqx.Module):
             return ops.batch_norm_eval(x, running_mean, running_var, self.weight, self.bias, eps=self.eps,
                                        channel_axis=CHANNEL_AXIS), state
         y, new_mean, new_var = ops.batch_norm_train(
-            x, running_mean, running_var, self.weight, self.bias, axes=tuple(SPATIAL_AXES), axis_name=self.axis_name,
+            x, running_mean, running_var, self.weight, self.bias, axes=SPATIAL_AXES, axis_name=self.axis_name,
             eps=self.eps, channel_axis=CHANNEL_AXIS, momentum=MOMENTUM)
         return y, state.set(self.state_index, (new_mean, new_var))
 
