@@ -35,6 +35,16 @@ signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a plain process has them, wh
 signal.signal(signal.SIGINT, signal.default_int_handler)
 from zoo.io import atomic_write
 
+at_create = int(os.environ.get("ZOO_TEST_SIGNAL_AT_CREATE", "0"))
+if at_create:  # the worst moment: the signal lands as the temp file comes into existence
+    real_open = os.open
+    def signalling_open(file, *args, **kwargs):
+        fd = real_open(file, *args, **kwargs)
+        if str(file).endswith(".tmp"):
+            os.kill(os.getpid(), at_create)
+        return fd
+    os.open = signalling_open
+
 target, size, chunk, pause, fill, barrier = sys.argv[1:7]
 size, chunk, pause = int(size), int(chunk), float(pause)
 
@@ -59,8 +69,9 @@ except FileExistsError as e:
 
 
 def _writer(target: Path, size: int, *, chunk: int = MB, pause: float = 0.0, fill: str = "z",
-            barrier: str = "-") -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+            barrier: str = "-", signal_at_create: int = 0) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "ZOO_TEST_SIGNAL_AT_CREATE": str(int(signal_at_create))}
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target), str(size), str(chunk), str(pause),
                              fill, barrier], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -131,6 +142,18 @@ def test_sigterm_and_sigint_remove_the_temp_file_and_still_end_the_process(tmp_p
     proc = _writer(target, BIG, pause=0.005)  # a second or more
     _wait_for_temp(tmp_path)
     proc.send_signal(signum)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == -signum, err
+    assert not target.exists()
+    assert _temps(tmp_path) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_as_the_temp_file_is_created_leaves_no_temp_file(tmp_path, signum):
+    # The handlers must be in place before the file exists: the CI once caught a SIGTERM landing
+    # between the temp file's creation and the handlers' installation, which left the file.
+    target = tmp_path / "big.bin"
+    proc = _writer(target, MB, signal_at_create=signum)
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == -signum, err
     assert not target.exists()

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import signal
-import tempfile
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -91,22 +91,16 @@ def atomic_write(path: str | os.PathLike, write: Any, *, force: bool = False) ->
     _remove_stale_temps(path.parent, path.name)
     if path.exists() and not force:
         raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with _removed_on_signal(tmp):
-            write(tmp)
-            os.chmod(tmp, 0o666 & ~_umask())
-            if force:
-                os.replace(tmp, path)
-            else:
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with _temp_beside(path) as tmp:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        if force:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite") from None
     return path
 
 
@@ -159,11 +153,42 @@ def _pid_alive(pid: int) -> bool:
 
 
 @contextmanager
-def _removed_on_signal(tmp: str) -> Iterator[None]:
-    """While the block runs, SIGTERM and SIGINT remove `tmp` before they end the process. Handlers
-    can only be set in the main thread; elsewhere (and where a signal is ignored, or its handler
-    was not set from Python) nothing changes, and a killed writer's file goes at the next write."""
-    _active_temps.add(tmp)
+def _temp_beside(path: Path) -> Iterator[str]:
+    """A new empty temp file beside `path`, removed when the block ends however it ends.
+
+    The order closes the window a signal could otherwise hit: the handlers go in first, then the
+    name is registered, then the file is created (O_EXCL). So the file never exists while a
+    SIGTERM or SIGINT would leave it behind."""
+    with _signals_remove_temps():
+        tmp: Optional[str] = None
+        try:
+            while True:
+                tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+                _active_temps.add(tmp)
+                try:
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                except FileExistsError:  # a name this pid left before (pid reuse): draw again
+                    _active_temps.discard(tmp)
+                    tmp = None
+                    continue
+                os.close(fd)
+                break
+            yield tmp
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:  # moved into place, or never created
+                    pass
+                _active_temps.discard(tmp)
+
+
+@contextmanager
+def _signals_remove_temps() -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGINT remove this process's temp files in progress before
+    they end the process. Handlers can only be set in the main thread; elsewhere (and where a
+    signal is ignored, or its handler was not set from Python) nothing changes, and a killed
+    writer's file goes at the next write."""
     installed: dict[int, Any] = {}
     try:
         if threading.current_thread() is threading.main_thread():
@@ -177,7 +202,6 @@ def _removed_on_signal(tmp: str) -> Iterator[None]:
     finally:
         for signum, previous in installed.items():
             signal.signal(signum, previous)
-        _active_temps.discard(tmp)
 
 
 def _temp_handler(previous: Any) -> Any:
