@@ -3,9 +3,11 @@
 # in bf16 at batch 256 for ResNet-50 and GoogLeNet (inference and a training step, zoo beside
 # PyTorch eager, channels_last and torch.compile), the start-up benchmark (cold and warm compilation
 # cache in fresh processes), a kernel profile of ResNet-50's rows (with 1x1 convolutions as dots
-# and as convolutions), and fp32 parity on the GPU at highest precision.
+# and as convolutions), fp32 parity on the GPU at highest precision, and (stage `flags`, not in the
+# default) the cold compile and step time of one train step under XLA GPU flag sets.
 # Usage (device tool, carry [".whl"]): STAGES=bench bash scripts/gpu_perf_run.sh (~8 min), then
-# STAGES="startup profile parity" (~6 min; all four, the default, do not fit one 10-minute call).
+# STAGES="startup profile parity" (~6 min; all four, the default, do not fit one 10-minute call);
+# STAGES=flags (~4 min: GoogLeNet's Haiku step, 3 flag sets, ~45 s of compile each on an H200).
 # Writes under $OUT. On an H200 (2026-11-26) the bench stage's GoogLeNet run needed more than 180 s.
 # Each stage has its own time limit (env overrides) so that one slow stage cannot eat the call.
 # A dry run on the CPU: DEVICE=cpu BATCH=2 SIZE=64 BENCH_ARGS="--impl zoo-haiku,torch-eager-nchw" \
@@ -47,6 +49,22 @@ if has profile; then
     --batch "${BATCH:-256}" --size "${SIZE:-224}" --dots cpu all --out "$OUT/profile_${DEVICE:-gpu}.json" 2>&1 \
     | grep -v -i "warning\|USDT\|profiler_st" | tail -20
   echo "profile rc ${PIPESTATUS[0]}"
+fi
+
+if has flags; then
+  # The untried lever for GoogLeNet's long GPU compile (docs/benchmarks.md, "Cold compile"): each
+  # flag set in a fresh process with the compilation cache off, so first_call_s is a cold compile.
+  IFS=';' read -r -a sets <<< "${FLAG_SETS:-default;--xla_gpu_autotune_level=0;--xla_gpu_enable_triton_gemm=false}"
+  for set in "${sets[@]}"; do
+    tag=$(echo "$set" | tr -c 'A-Za-z0-9_=\n' '_' | sed 's/^_*//;s/_*$//')
+    flags=$([ "$set" = default ] && echo "${XLA_FLAGS:-}" || echo "${XLA_FLAGS:-} $set" | xargs)
+    # An empty XLA_FLAGS would be read as a file name: leave it out then.
+    env ${flags:+XLA_FLAGS="$flags"} ZOO_COMPILATION_CACHE=0 timeout "${FLAGS_S:-100}" python3 cli.py bench \
+      "${FLAGS_ARCH:-googlenet}" --device "${DEVICE:-gpu}" --dtype bfloat16 --batch "${BATCH:-256}" --size "${SIZE:-224}" \
+      --mode train --impl "${FLAGS_IMPL:-zoo-haiku}" --repeats 10 --warmup 3 \
+      --json "$OUT/flags_${DEVICE:-gpu}_${tag}.json" 2>&1 | grep -v Warning | grep -i "zoo\|rc\|error" | tail -4
+    echo "flags [$set] rc ${PIPESTATUS[0]}"
+  done
 fi
 
 if has parity; then

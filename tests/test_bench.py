@@ -2,6 +2,7 @@
 checked (one call each on a shared machine); their bookkeeping is."""
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -17,8 +18,8 @@ ARCH = "test_resnet"  # a 1.9 MB ResNet: the cheapest model both libraries have
 CHEAP = ["--batch", "2", "--repeats", "1", "--warmup", "0"]
 NO_COMPILE = [n for n in _bench.IMPLS if n != "torch-compile-cl"]  # torch.compile: ~30 s of compiling on CPU
 META_FIELDS = {"schema", "arch", "modes", "impls", "batch", "size", "dtype", "device", "jax_device", "torch_device",
-               "device_name", "repeats", "warmup", "cpu", "versions", "precision", "jax_compilation_cache", "train",
-               "platform", "started"}
+               "device_name", "repeats", "warmup", "cpu", "versions", "precision", "jax_compilation_cache", "xla_flags",
+               "train", "platform", "started"}
 
 
 def _bench_cli(*args):
@@ -63,6 +64,7 @@ def test_both_modes_json(both_modes):
     assert {"jax", "jaxlib", "torch", "timm", "equinox", "dm-haiku", "optax"} <= set(meta["versions"])
     assert all(meta["versions"][k] for k in ("jax", "torch", "equinox", "dm-haiku", "optax"))
     assert meta["cpu"]["torch_threads"] >= 1 and meta["device_name"]
+    assert meta["xla_flags"] == os.environ.get("XLA_FLAGS")  # flags change kernels and compile times
     # Inference runs every selected implementation, training all but the BN-folded ones, and the
     # rows come in mode order, then IMPLS order.
     assert [(r["mode"], r["impl"]) for r in results["rows"]] == (
