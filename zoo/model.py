@@ -114,9 +114,9 @@ def make_predict(loaded: Loaded, dtype: Any = jnp.float32) -> Callable[[Array], 
 
     model, state = loaded.objects
     model = eqx.nn.inference_mode(model)
-    # On a CPU the convolution kernels (1x1 ones run as dots and read OIHW in place) and the
-    # classifier's are bound transposed (HWIO, (in, out): Haiku's) and transposed back inside the
-    # program, where XLA makes that a bitcast. Bound as PyTorch's layouts, every call copied every
+    # On a CPU the convolution kernels (but the 1x1 ones, which run as dots and read OIHW in
+    # place) are bound transposed (HWIO: Haiku's) and transposed back inside the program, where
+    # XLA makes that a bitcast. Bound as PyTorch's layouts, every call copied every
     # kernel: 54 transposes in a ResNet-50's optimized CPU program, 10% of a batch-8 call and half
     # of a batch-1 one (docs/benchmarks.md). The price is a second copy of those kernels while the
     # predict lives. Elsewhere the model is bound as it is: cuDNN's NHWC convolutions read OHWI

@@ -183,17 +183,18 @@ class Conv1d(eqx.Module):
 KERNEL_MODULES = (Conv2d, Conv1d, Linear)
 
 
-# From PyTorch's kernel layouts (conv OIHW, Linear (out, in)) to the ones XLA's CPU convolution and
-# dot read (HWIO, (in, out): Haiku's), and back.
-_TO_COMPUTE = {4: (2, 3, 1, 0), 2: (1, 0)}
-_FROM_COMPUTE = {4: (3, 2, 0, 1), 2: (1, 0)}
+# From PyTorch's conv kernel layout (OIHW) to the one XLA's CPU convolutions read (HWIO: Haiku's),
+# and back.
+_TO_COMPUTE = (2, 3, 1, 0)
+_FROM_COMPUTE = (3, 2, 0, 1)
 
 
 def _is_transposable(m: object) -> bool:
-    # Not the 1x1 convolutions that run as dot products: those read (O, I) kernels in place.
-    if isinstance(m, Conv2d):
-        return not ops.runs_as_dot((m.kernel_size, m.kernel_size), m.padding, m.groups)
-    return isinstance(m, Linear)
+    # Not the 1x1 convolutions that run as dot products: those read (O, I) kernels in place. Nor
+    # the classifier: XLA reads its (out, in) kernel in place, and bound as (in, out) it was copied
+    # back in every call at batch 1 (an 8 MB copy in a ResNet-50; the program then computed the
+    # product as a reduction, 4 ms of a 28 ms call at 32x32).
+    return isinstance(m, Conv2d) and not ops.runs_as_dot((m.kernel_size, m.kernel_size), m.padding, m.groups)
 
 
 def _kernels(model: eqx.Module) -> list[Array]:
@@ -202,19 +203,19 @@ def _kernels(model: eqx.Module) -> list[Array]:
 
 # One program for all kernels (cached on disk like zoo's others): eager transposes would compile
 # one by one, ~0.9 s for a ResNet-50 in a fresh process against 0.08 s from the cache.
-_transpose_to_compute = jax.jit(lambda ws: [jnp.transpose(w, _TO_COMPUTE[w.ndim]) for w in ws])
+_transpose_to_compute = jax.jit(lambda ws: [jnp.transpose(w, _TO_COMPUTE) for w in ws])
 
 
 def kernels_to_compute_layout(model: eqx.Module) -> eqx.Module:
-    """The model with its conv and Linear kernels transposed to HWIO / (in, out), to bind to an
-    inference function once; not callable until `kernels_from_compute_layout` undoes it."""
+    """The model with its convolution kernels transposed to HWIO, to bind to an inference function
+    once; not callable until `kernels_from_compute_layout` undoes it."""
     return eqx.tree_at(_kernels, model, _transpose_to_compute(_kernels(model)))
 
 
 def kernels_from_compute_layout(model: eqx.Module) -> eqx.Module:
     """Undoes `kernels_to_compute_layout`, inside a jitted function: there XLA lays each kernel
     out as the argument already is, so the transposes cost nothing."""
-    return eqx.tree_at(_kernels, model, [jnp.transpose(w, _FROM_COMPUTE[w.ndim]) for w in _kernels(model)])
+    return eqx.tree_at(_kernels, model, [jnp.transpose(w, _FROM_COMPUTE) for w in _kernels(model)])
 
 
 class BlurPool(eqx.Module):
