@@ -110,19 +110,19 @@ def make_predict(loaded: Loaded, dtype: Any = jnp.float32) -> Callable[[Array], 
     import equinox as eqx
 
     from .equinox import BATCH_AXIS
-    from .equinox.layers import kernels_from_compute_layout, kernels_to_compute_layout
+    from .equinox.layers import with_hwio_kernels
 
     model, state = loaded.objects
     model = eqx.nn.inference_mode(model)
-    # On a CPU the convolution kernels (but the 1x1 ones, which run as dots and read OIHW in
-    # place) are bound transposed (HWIO: Haiku's) and transposed back inside the program, where
-    # XLA makes that a bitcast. Bound as PyTorch's layouts, every call copied every
-    # kernel: 54 transposes in a ResNet-50's optimized CPU program, 10% of a batch-8 call and half
-    # of a batch-1 one (docs/benchmarks.md). The price is a second copy of those kernels while the
-    # predict lives. Elsewhere the model is bound as it is: cuDNN's NHWC convolutions read OHWI
-    # kernels, neither layout (on an H200 its convolution kernels took the time Haiku's did).
-    transposed = _jit.platform_of(jax.tree_util.tree_leaves(model)) == "cpu"
-    bound = kernels_to_compute_layout(model) if transposed else model
+    # On a CPU the model is bound with its convolution kernels stored HWIO (Haiku's layout) and
+    # read in place. Bound as PyTorch's OIHW, every call copied every kernel: 54 transposes in a
+    # ResNet-50's optimized CPU program, 10% of a batch-8 call and half of a batch-1 one; and 1x1
+    # kernels read as (O, I) cost a batch-1 ResNet-50 8% (docs/benchmarks.md). The price is a
+    # second copy of the convolution kernels while the predict lives (94 MB for a ResNet-50).
+    # Elsewhere the model is bound as it is: cuDNN's NHWC convolutions read OHWI kernels, neither
+    # layout (on an H200 its convolution kernels took the time Haiku's did).
+    on_cpu = _jit.platform_of(jax.tree_util.tree_leaves(model)) == "cpu"
+    bound = with_hwio_kernels(model) if on_cpu else model
 
     # The model goes in as its list of arrays, flattened once here: an Equinox module flattens in
     # Python, and `filter_jit` did that, and partitioned it, in every call (host time that a GPU
@@ -133,8 +133,6 @@ def make_predict(loaded: Loaded, dtype: Any = jnp.float32) -> Callable[[Array], 
     @functools.partial(_jit.jit, **jit_options())
     def apply_eqx(leaves: list[Array], state: Any, x: Array) -> Array:
         model = eqx.combine(jax.tree_util.tree_unflatten(treedef, leaves), static)
-        if transposed:
-            model = kernels_from_compute_layout(model)
         # A lambda, not the module itself: JAX names a traced callable without `__code__` by its
         # str(), which for an Equinox module pretty-prints the whole tree (0.1 s of a ResNet-50's
         # first call, every process, cached or not).

@@ -80,9 +80,28 @@ class Conv2d(eqx.Module):
         self.dilation, self.groups = spec.dilation, spec.groups
 
     def __call__(self, x: Float[Array, "H W C"]) -> Float[Array, "Ho Wo O"]:
+        return self._conv(x, CONV_DIMS)
+
+    def _conv(self, x: Float[Array, "H W C"], dims: tuple[str, str, str]) -> Float[Array, "Ho Wo O"]:
         y = ops.conv2d(x[None], self.weight, self.bias, stride=self.stride, padding=self.padding,
-                       dilation=self.dilation, groups=self.groups, dimension_numbers=CONV_DIMS)
+                       dilation=self.dilation, groups=self.groups, dimension_numbers=dims)
         return y[0]
+
+
+class _HWIOConv2d(Conv2d):
+    """A Conv2d whose kernel is stored HWIO, the layout XLA's CPU convolutions read, and read in
+    place; for a CPU inference function's bound model only (`with_hwio_kernels`), never a user's
+    model or a file."""
+
+    weight: Float[Array, "H W I O"]
+
+    def __init__(self, conv: Conv2d, weight: Float[Array, "H W I O"]):
+        self.weight, self.bias = weight, conv.bias
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+
+    def __call__(self, x: Float[Array, "H W C"]) -> Float[Array, "Ho Wo O"]:
+        return self._conv(x, (CONV_DIMS[0], "HWIO", CONV_DIMS[2]))
 
 
 class BatchNorm(eqx.Module):
@@ -183,39 +202,32 @@ class Conv1d(eqx.Module):
 KERNEL_MODULES = (Conv2d, Conv1d, Linear)
 
 
-# From PyTorch's conv kernel layout (OIHW) to the one XLA's CPU convolutions read (HWIO: Haiku's),
-# and back.
-_TO_COMPUTE = (2, 3, 1, 0)
-_FROM_COMPUTE = (3, 2, 0, 1)
+def _is_conv(m: object) -> bool:
+    return isinstance(m, Conv2d)
 
 
-def _is_transposable(m: object) -> bool:
-    # Not the 1x1 convolutions that run as dot products: those read (O, I) kernels in place. Nor
-    # the classifier: XLA reads its (out, in) kernel in place, and bound as (in, out) it was copied
-    # back in every call at batch 1 (an 8 MB copy in a ResNet-50; the program then computed the
-    # product as a reduction, 4 ms of a 28 ms call at 32x32).
-    return isinstance(m, Conv2d) and not ops.runs_as_dot((m.kernel_size, m.kernel_size), m.padding, m.groups)
-
-
-def _kernels(model: eqx.Module) -> list[Array]:
-    return [m.weight for m in jax.tree_util.tree_leaves(model, is_leaf=_is_transposable) if _is_transposable(m)]
+def _convs(model: eqx.Module) -> list[Conv2d]:
+    return [m for m in jax.tree_util.tree_leaves(model, is_leaf=_is_conv) if _is_conv(m)]
 
 
 # One program for all kernels (cached on disk like zoo's others): eager transposes would compile
 # one by one, ~0.9 s for a ResNet-50 in a fresh process against 0.08 s from the cache.
-_transpose_to_compute = jax.jit(lambda ws: [jnp.transpose(w, _TO_COMPUTE) for w in ws])
+_to_hwio = jax.jit(lambda ws: [jnp.transpose(w, (2, 3, 1, 0)) for w in ws])
 
 
-def kernels_to_compute_layout(model: eqx.Module) -> eqx.Module:
-    """The model with its convolution kernels transposed to HWIO, to bind to an inference function
-    once; not callable until `kernels_from_compute_layout` undoes it."""
-    return eqx.tree_at(_kernels, model, _transpose_to_compute(_kernels(model)))
+def with_hwio_kernels(model: eqx.Module) -> eqx.Module:
+    """The model with every convolution's kernel stored HWIO (Haiku's layout) and read in place:
+    the same outputs, for an inference function to bind once on a CPU.
 
-
-def kernels_from_compute_layout(model: eqx.Module) -> eqx.Module:
-    """Undoes `kernels_to_compute_layout`, inside a jitted function: there XLA lays each kernel
-    out as the argument already is, so the transposes cost nothing."""
-    return eqx.tree_at(_kernels, model, [jnp.transpose(w, _FROM_COMPUTE) for w in _kernels(model)])
+    XLA:CPU's convolutions read HWIO, so a program given OIHW kernels relays every one out in
+    every call; and the 1x1 convolutions, which run as dot products there, multiply by an (I, O)
+    matrix without a transposed operand, which YNNPACK's fused pipelines run faster at small batch
+    (ResNet-50, batch 1: 53-55 ms against 58-60 ms for (O, I), whose standalone dots were as fast).
+    The classifier keeps its (out, in) kernel: XLA reads it in place, and an (in, out) one
+    transposed back in the program was copied in every call at batch 1."""
+    convs = _convs(model)
+    weights = _to_hwio([c.weight for c in convs])
+    return eqx.tree_at(_convs, model, [_HWIOConv2d(c, w) for c, w in zip(convs, weights)])
 
 
 class BlurPool(eqx.Module):
