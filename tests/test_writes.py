@@ -180,6 +180,25 @@ def test_race_without_force_one_writer_wins(tmp_path):
     assert _temps(tmp_path) == []
 
 
+def test_a_temp_name_that_exists_is_drawn_again_and_never_touched(tmp_path, monkeypatch):
+    # The name's random part collides (this pid's leftover, after pid reuse): the write draws
+    # again and leaves that file alone; if every draw collides it fails and leaves nothing.
+    target = tmp_path / "t.bin"
+    taken = tmp_path / f".t.bin.{os.getpid()}.aaaaaaaaaaaa.tmp"
+    taken.write_bytes(b"not ours")
+    draws = iter(["aaaaaaaaaaaa", "aaaaaaaaaaaa", "bbbbbbbbbbbb"])
+    monkeypatch.setattr(zoo.io.secrets, "token_hex", lambda n: next(draws))
+    atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"ok"))
+    assert target.read_bytes() == b"ok" and taken.read_bytes() == b"not ours"
+    assert _temps(tmp_path) == [taken.name]
+
+    monkeypatch.setattr(zoo.io.secrets, "token_hex", lambda n: "aaaaaaaaaaaa")
+    with pytest.raises(FileExistsError, match="no free temp file name"):
+        atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"x"), force=True)
+    assert target.read_bytes() == b"ok" and taken.read_bytes() == b"not ours"
+    assert _temps(tmp_path) == [taken.name]
+
+
 def test_only_dead_writers_temp_files_are_swept(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

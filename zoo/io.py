@@ -162,7 +162,7 @@ def _temp_beside(path: Path) -> Iterator[str]:
     with _signals_remove_temps():
         tmp: Optional[str] = None
         try:
-            while True:
+            for _ in range(100):
                 tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
                 _active_temps.add(tmp)
                 try:
@@ -173,6 +173,8 @@ def _temp_beside(path: Path) -> Iterator[str]:
                     continue
                 os.close(fd)
                 break
+            else:
+                raise FileExistsError(f"no free temp file name beside {path} in 100 tries")
             yield tmp
         finally:
             if tmp is not None:
