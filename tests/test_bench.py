@@ -164,3 +164,55 @@ def test_select_impls():
     # torch.compile runs last (its compile is the longest, a time limit should cut it first)
     assert _bench.impls_for("inference", list(_bench.IMPLS))[-1] == "torch-compile-cl"
     assert "zoo-haiku-folded" not in _bench.impls_for("train", list(_bench.IMPLS))
+
+
+def test_layer_benchmark_times_every_layer_of_the_model(tmp_path):
+    """benchmarks/bench_cpu_layers.py: its layers are the PyTorch model's own (every Conv2d and
+    MaxPool2d call, identical ones counted), each checked equal in XLA and PyTorch before timing."""
+    import importlib.util
+
+    import torch
+
+    from converters.torch_models import random_model
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "benchmarks", "bench_cpu_layers.py")
+    out = tmp_path / "layers.json"
+    subprocess.run([sys.executable, script, ARCH, "--batch", "1", "--size", "33", "--repeats", "1", "--rounds", "1",
+                    "--out", str(out)], check=True, cwd=root, capture_output=True)
+    (res,) = json.loads(out.read_text())["results"]
+
+    calls = {"conv": 0, "max_pool": 0}
+    model = random_model(ARCH).eval()
+
+    def count(mod, inp, outp):
+        calls["conv" if isinstance(mod, torch.nn.Conv2d) else "max_pool"] += 1
+
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.MaxPool2d)):
+            m.register_forward_hook(count)
+    with torch.inference_mode():
+        model(torch.zeros(1, 3, 33, 33))
+    for kind in calls:
+        assert sum(r["count"] for r in res["layers"] if r["kind"] == kind) == calls[kind] > 0
+    names = [r["name"] for r in res["layers"]]
+    assert len(names) == len(set(names)) and names[0] == "conv 3x3/2 3>16 @33x33"  # the stem, first
+    for r in res["layers"]:
+        assert all(v > 0 for v in r["ms"].values()) and set(r["ms"]) == {"zoo", "JAX default", "PyTorch cl"}
+    assert res["model_ms"]["zoo Haiku"] > 0 and res["model_ms"]["PyTorch cl"] > 0
+
+    # The check that makes the comparison meaningful: a layer computed differently fails the run.
+    spec = importlib.util.spec_from_file_location("bench_cpu_layers", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    import numpy as np
+
+    layer = {"key": ("conv", (1, 4, 9, 9), 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, False), "count": 1}
+    assert bench.time_layer(dict(layer), 1, np.random.default_rng(0))["count"] == 1
+    wrong = torch.nn.functional.conv2d
+    try:
+        torch.nn.functional.conv2d = lambda x, w, b=None, **kw: wrong(x, w, b, **kw) + 1
+        with pytest.raises(AssertionError, match="differ"):
+            bench.time_layer(dict(layer), 1, np.random.default_rng(0))
+    finally:
+        torch.nn.functional.conv2d = wrong
