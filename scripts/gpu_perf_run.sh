@@ -8,6 +8,9 @@
 # Usage (device tool, carry [".whl"]): STAGES=bench bash scripts/gpu_perf_run.sh (~8 min), then
 # STAGES="startup profile parity" (~6 min; all four, the default, do not fit one 10-minute call);
 # STAGES=flags (~4 min: GoogLeNet's Haiku step, 3 flag sets, ~45 s of compile each on an H200).
+# The flags stage also times inference (FLAGS_MODE=inference), for the epilogue-fusion levers of
+# docs/benchmarks.md's kernel profile, e.g. STAGES=flags FLAGS_MODE=inference FLAGS_ARCH=resnet50
+#   FLAGS_IMPL=zoo-haiku,zoo-haiku-folded,torch-eager-cl FLAG_SETS="default;--xla_gpu_experimental_enable_conv_fusion=true;--xla_gpu_cudnn_gemm_fusion_level=2"
 # Writes under $OUT. On an H200 (2026-11-26) the bench stage's GoogLeNet run needed more than 180 s.
 # Each stage has its own time limit (env overrides) so that one slow stage cannot eat the call.
 # A dry run on the CPU: DEVICE=cpu BATCH=2 SIZE=64 BENCH_ARGS="--impl zoo-haiku,torch-eager-nchw" \
@@ -61,8 +64,9 @@ if has flags; then
     # An empty XLA_FLAGS would be read as a file name: leave it out then.
     env ${flags:+XLA_FLAGS="$flags"} ZOO_COMPILATION_CACHE=0 timeout "${FLAGS_S:-100}" python3 cli.py bench \
       "${FLAGS_ARCH:-googlenet}" --device "${DEVICE:-gpu}" --dtype bfloat16 --batch "${BATCH:-256}" --size "${SIZE:-224}" \
-      --mode train --impl "${FLAGS_IMPL:-zoo-haiku}" --repeats 10 --warmup 3 \
-      --json "$OUT/flags_${DEVICE:-gpu}_${tag}.json" 2>&1 | grep -v Warning | grep -i "zoo\|rc\|error" | tail -4
+      --mode "${FLAGS_MODE:-train}" --impl "${FLAGS_IMPL:-zoo-haiku}" --repeats 10 --warmup 3 \
+      --json "$OUT/flags_${DEVICE:-gpu}_${FLAGS_MODE:-train}_${tag}.json" 2>&1 | grep -v Warning \
+      | grep -i "zoo\|torch\|rc\|error" | tail -8
     echo "flags [$set] rc ${PIPESTATUS[0]}"
   done
 fi
