@@ -152,6 +152,27 @@ def test_model_predict_is_jitted_and_batched(tmp_path, checkpoint, monkeypatch):
 
 
 @pytest.mark.parametrize("framework", ["haiku", "equinox"])
+def test_predict_inside_grad_jit_and_vmap_matches_pytorch(tmp_path, checkpoint, framework):
+    """What a researcher does with `predict` beyond calling it: a saliency map (the gradient of a
+    logit with respect to the image) equals PyTorch's input gradient, and predict works inside the
+    caller's own `jax.jit` and `jax.vmap`. On a CPU zoo compiles its functions with compiler
+    options, which JAX accepts only at the top level: nested, the Haiku predict raised a
+    ValueError under `jax.grad` and `jax.jit`."""
+    import torch
+
+    model = zoo.load(convert_to_file("resnet18", checkpoint, framework, tmp_path / "m.safetensors"))
+    x = inputs(2, (45, 53))
+    tx = torch.from_numpy(x).requires_grad_(True)
+    reference = cached_random_model("resnet18")
+    reference(tx)[:, 7].sum().backward()
+    saliency = jax.grad(lambda x: model.predict(x)[:, 7].sum())(jnp.asarray(x))
+    assert rel_err(tx.grad.numpy(), saliency) <= 1e-5
+    direct = model.predict(x)
+    assert rel_err(direct, jax.jit(model.predict)(x)) <= 1e-6
+    assert rel_err(direct, jax.vmap(model.predict)(x[:, None])[:, 0]) <= 1e-5
+
+
+@pytest.mark.parametrize("framework", ["haiku", "equinox"])
 def test_zoo_functions_compile_cpu_convolutions_with_xla_s_own_emitter(tmp_path, checkpoint, framework,
                                                                        monkeypatch):
     """On a CPU, jaxlib runs convolutions as YNNPACK fusions by default; zoo's own jitted

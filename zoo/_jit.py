@@ -70,7 +70,8 @@ class Jitted:
     def _entry(self, args: tuple[Any, ...]) -> tuple[Any, dict[str, Any], list[list[Any]]]:
         specs, traced = zip(*map(_split, args)) if args else ((), ())
         platform = platform_of(itertools.chain.from_iterable(traced))
-        key = (tuple(specs), platform)
+        nested = any(isinstance(leaf, jax.core.Tracer) for leaf in itertools.chain.from_iterable(traced))
+        key = (tuple(specs), platform, nested)
         entry = self._cache.get(key)
         if entry is None:
             out: dict[str, Any] = {}
@@ -81,7 +82,12 @@ class Jitted:
                 out["spec"], leaves = _split(result)
                 return leaves
 
-            entry = self._cache[key] = (jax.jit(inner, donate_argnums=self._donate, **self._jit_kwargs), out)
+            kwargs = self._jit_kwargs
+            if nested:
+                # Inside the caller's own jit: JAX takes compiler options only at the top level
+                # (a ValueError otherwise), and the caller's program is compiled with its own.
+                kwargs = {k: v for k, v in kwargs.items() if k != "compiler_options"}
+            entry = self._cache[key] = (jax.jit(inner, donate_argnums=self._donate, **kwargs), out)
         return entry[0], entry[1], list(traced)
 
     def __call__(self, *args: Any) -> Any:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from . import _cache, _jit, ops
+from . import _cache, _jit
 from ._xla import jit_options
 from .io import Loaded, load_file
 
@@ -96,12 +96,13 @@ def make_predict(loaded: Loaded, dtype: Any = jnp.float32) -> Callable[[Array], 
 
         net = build(loaded.plan, dtype)
         params, state = loaded.objects
-        platform = _jit.platform_of(jax.tree_util.tree_leaves(params))
 
-        @functools.partial(jax.jit, **jit_options())
+        # zoo's jit, not jax.jit: it traces for the parameters' platform, and inside the caller's
+        # own transformation (`jax.grad` of a logit for a saliency map, `jax.jit`) it leaves out
+        # the CPU compiler options, which JAX accepts only at the top level.
+        @functools.partial(_jit.jit, **jit_options())
         def apply(params: Any, state: Any, x: Array) -> Array:
-            with ops.tracing_for(platform):
-                out, _ = net.apply(params, state, None, jnp.transpose(x, (0, 2, 3, 1)), is_training=False)
+            out, _ = net.apply(params, state, None, jnp.transpose(x, (0, 2, 3, 1)), is_training=False)
             # Feature maps come back as PyTorch lays them out (NCHW), as from the Equinox model.
             return jax.tree_util.tree_map(lambda a: jnp.transpose(a, (0, 3, 1, 2)) if a.ndim == 4 else a, out)
 
