@@ -345,18 +345,31 @@ def make_shard_map_train_step(model: Any, optimizer: optax.GradientTransformatio
 def make_eval_step(model: Any, *, label_smoothing: float = 0.0) -> Callable[..., dict[str, Array]]:
     """A jitted inference-mode step (running statistics, no dropout):
     `evaluate(ts, images, labels) -> {"loss", "accuracy", "logits"}`. `ts` may also be a
-    `(params_or_model, state)` pair."""
+    `(params_or_model, state)` pair.
+
+    On a CPU an Equinox model's convolutions run on HWIO copies of its kernels, made on the first
+    call with that model and kept while its kernels live (`HWIOKernelCache`: evaluating many
+    batches with one model transposes them once; memory: one more copy of the kernels)."""
     forward = _forward(model)
+    hwio = None
+    if isinstance(model, eqx.Module):
+        from .equinox.layers import HWIOKernelCache, with_hwio_kernels
+
+        hwio = HWIOKernelCache()
 
     @functools.partial(_jit.jit, **jit_options())
-    def evaluate(params: Any, state: Any, images: Array, labels: Array) -> dict[str, Array]:
+    def evaluate(params: Any, kernels: Optional[list[Array]], state: Any, images: Array,
+                 labels: Array) -> dict[str, Array]:
+        if kernels is not None:  # the model's OIHW kernels are then unused inputs, never copied
+            params = with_hwio_kernels(params, kernels)
         logits, _ = forward(params, state, images, None, False)
         loss, logits = classification_loss(logits, labels, label_smoothing=label_smoothing)
         return {"loss": loss, "accuracy": _accuracy(logits, labels), "logits": logits}
 
     def eval_step(ts: Any, images: Array, labels: Array) -> dict[str, Array]:
         params, state = (ts.params, ts.state) if isinstance(ts, TrainState) else ts
-        return evaluate(params, state, images, labels)
+        kernels = hwio(params) if hwio is not None and isinstance(params, eqx.Module) else None
+        return evaluate(params, kernels, state, images, labels)
 
     return eval_step
 

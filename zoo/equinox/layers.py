@@ -13,6 +13,7 @@ model's tree paths are its PyTorch names. Parameters are float32 whatever the co
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional, Union
 
 import equinox as eqx
@@ -215,9 +216,10 @@ def _convs(model: eqx.Module) -> list[Conv2d]:
 _to_hwio = jax.jit(lambda ws: [jnp.transpose(w, (2, 3, 1, 0)) for w in ws])
 
 
-def with_hwio_kernels(model: eqx.Module) -> eqx.Module:
+def with_hwio_kernels(model: eqx.Module, kernels: Optional[list[Array]] = None) -> eqx.Module:
     """The model with every convolution's kernel stored HWIO (Haiku's layout) and read in place:
-    the same outputs, for an inference function to bind once on a CPU.
+    the same outputs, for an inference function to bind once on a CPU. `kernels`: the HWIO
+    kernels already made (`HWIOKernelCache`), in `_convs` order.
 
     XLA:CPU's convolutions read HWIO, so a program given OIHW kernels relays every one out in
     every call; and the 1x1 convolutions, which run as dot products there, multiply by an (I, O)
@@ -226,8 +228,40 @@ def with_hwio_kernels(model: eqx.Module) -> eqx.Module:
     The classifier keeps its (out, in) kernel: XLA reads it in place, and an (in, out) one
     transposed back in the program was copied in every call at batch 1."""
     convs = _convs(model)
-    weights = _to_hwio([c.weight for c in convs])
+    weights = _to_hwio([c.weight for c in convs]) if kernels is None else kernels
     return eqx.tree_at(_convs, model, [_HWIOConv2d(c, w) for c, w in zip(convs, weights)])
+
+
+class HWIOKernelCache:
+    """HWIO copies of the convolution kernels of the last model seen on a CPU, kept while that
+    model's kernels live: an evaluation step called batch after batch on one model transposes its
+    kernels once, not in every call (ResNet-50 at batch 1: 84-87 ms a call with the transposes in
+    the program, Haiku 56-58 ms; docs/benchmarks.md). A model is the same one when its kernels are
+    the same array objects (JAX arrays are immutable); when they die (a training step replaced
+    them) the copies are dropped. Returns None where there is nothing to bind: off a CPU, or
+    inside another transformation (tracers must not outlive their trace)."""
+
+    def __init__(self) -> None:
+        self._refs: tuple[weakref.ref, ...] = ()
+        self._hwio: Optional[list[Array]] = None
+
+    def __call__(self, model: eqx.Module) -> Optional[list[Array]]:
+        kernels = [c.weight for c in _convs(model)]
+        if not kernels or not all(isinstance(k, jax.Array) and not isinstance(k, jax.core.Tracer) for k in kernels):
+            return None
+        if any(d.platform != "cpu" for d in kernels[0].devices()):
+            return None
+        if len(kernels) == len(self._refs) and all(r() is k for r, k in zip(self._refs, kernels)):
+            return self._hwio
+        self._refs, self._hwio = (), None  # the previous model's copies go before the new ones are made
+        hwio = _to_hwio(kernels)
+        self._refs, self._hwio = tuple(weakref.ref(k, self._forget) for k in kernels), hwio
+        return hwio
+
+    def _forget(self, ref: weakref.ref) -> None:
+        # A dead reference compares by identity: only the current model's own references clear it.
+        if ref in self._refs:
+            self._refs, self._hwio = (), None
 
 
 class BlurPool(eqx.Module):
