@@ -595,7 +595,8 @@ def test_equinox_eval_step_transposes_kernels_once_per_model(monkeypatch):
     assert len(made) == 2 and rel_err(shifted, trained + 1.0) < 1e-5
 
     # The user's own jit: traced kernels are never cached.
-    jitted = jax.jit(lambda m: evaluate((m, ts.state), images, labels)["logits"])(ts.params)
+    trained_state = ts.state
+    jitted = jax.jit(lambda m: evaluate((m, trained_state), images, labels)["logits"])(ts.params)
     assert len(made) == 2 and rel_err(jitted, trained) < 1e-5
 
     # Once the model is gone, so are its copies.
