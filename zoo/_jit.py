@@ -70,7 +70,9 @@ class Jitted:
     def _entry(self, args: tuple[Any, ...]) -> tuple[Any, dict[str, Any], list[list[Any]]]:
         specs, traced = zip(*map(_split, args)) if args else ((), ())
         platform = platform_of(itertools.chain.from_iterable(traced))
-        nested = any(isinstance(leaf, jax.core.Tracer) for leaf in itertools.chain.from_iterable(traced))
+        # Types first: a C-speed pass over the leaves, then a handful of subclass checks.
+        types = set(map(type, itertools.chain.from_iterable(traced)))
+        nested = any(issubclass(t, jax.core.Tracer) for t in types)
         key = (tuple(specs), platform, nested)
         entry = self._cache.get(key)
         if entry is None:
@@ -103,3 +105,22 @@ class Jitted:
 
 def jit(fn: Callable[..., Any], *, donate_argnums: Sequence[int] = (), **jit_kwargs: Any) -> Jitted:
     return Jitted(fn, donate_argnums=donate_argnums, **jit_kwargs)
+
+
+class TopLevel:
+    """`jax.jit(fn, **jit_kwargs)` for calls whose last argument is concrete; called with a traced
+    one (inside the caller's own `jax.jit` or `jax.grad`), `fn` jitted without `compiler_options`,
+    which JAX accepts only on a top-level jit. For functions whose other arguments are bound
+    arrays (`zoo.Model`'s Haiku predict), so that one isinstance check decides."""
+
+    def __init__(self, fn: Callable[..., Any], **jit_kwargs: Any):
+        self._top = jax.jit(fn, **jit_kwargs)
+        plain = {k: v for k, v in jit_kwargs.items() if k != "compiler_options"}
+        self._nested = jax.jit(fn, **plain) if plain != jit_kwargs else self._top
+
+    def __call__(self, *args: Any) -> Any:
+        return (self._nested if isinstance(args[-1], jax.core.Tracer) else self._top)(*args)
+
+    def lower(self, *args: Any) -> Any:
+        return self._top.lower(*args)
+
