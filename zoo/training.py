@@ -352,7 +352,9 @@ def make_eval_step(model: Any, *, label_smoothing: float = 0.0) -> Callable[...,
     batches with one model transposes them once; memory: one more copy of the kernels)."""
     forward = _forward(model)
     hwio = None
-    if isinstance(model, eqx.Module):
+    if isinstance(model, eqx.Module) and jax.default_backend() == "cpu":
+        # Only where the copies pay: finding a model's kernels walks its tree (0.5 ms a call for a
+        # ResNet-50), host time a GPU would wait for.
         from .equinox.layers import HWIOKernelCache, with_hwio_kernels
 
         hwio = HWIOKernelCache()
