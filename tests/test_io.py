@@ -151,6 +151,26 @@ def test_model_predict_is_jitted_and_batched(tmp_path, checkpoint, monkeypatch):
     assert isinstance(out, jax.Array)
 
 
+def test_haiku_forward_builds_no_module_reprs(tmp_path, checkpoint, monkeypatch):
+    """Haiku pretty-prints every module's arguments into a repr as the module is made, in every
+    trace (a quarter of tracing a ResNet-50 predict); zoo's forwards turn that off."""
+    import haiku._src.utils as hk_utils
+
+    made = []
+    real = hk_utils.auto_repr
+    monkeypatch.setattr(hk_utils, "auto_repr", lambda *a, **k: made.append(1) or real(*a, **k))
+    model = zoo.load(convert_to_file("resnet18", checkpoint, "haiku", tmp_path / "m.safetensors"))
+    assert model.predict(np.zeros((1, 3, 32, 40), np.float32)).shape == (1, 1000)
+    net = zoo.haiku.create("test_resnet")
+    params, state = net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), is_training=True)
+    net.apply(params, state, None, jnp.zeros((1, 32, 32, 3)), is_training=False)
+    assert not made
+    import haiku as hk
+
+    hk.transform(lambda x: hk.Linear(2)(x)).init(jax.random.key(0), jnp.zeros((1, 3)))  # the user's own: untouched
+    assert made
+
+
 @pytest.mark.parametrize("framework", ["haiku", "equinox"])
 def test_predict_inside_grad_jit_and_vmap_matches_pytorch(tmp_path, checkpoint, framework):
     """What a researcher does with `predict` beyond calling it: a saliency map (the gradient of a
