@@ -84,11 +84,7 @@ class Jitted:
                 out["spec"], leaves = _split(result)
                 return leaves
 
-            kwargs = self._jit_kwargs
-            if nested:
-                # Inside the caller's own jit: JAX takes compiler options only at the top level
-                # (a ValueError otherwise), and the caller's program is compiled with its own.
-                kwargs = {k: v for k, v in kwargs.items() if k != "compiler_options"}
+            kwargs = _nested_options(self._jit_kwargs) if nested else self._jit_kwargs
             entry = self._cache[key] = (jax.jit(inner, donate_argnums=self._donate, **kwargs), out)
         return entry[0], entry[1], list(traced)
 
@@ -103,6 +99,13 @@ class Jitted:
         return jitted.lower(*traced)
 
 
+def _nested_options(jit_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`jax.jit` options for a call inside the caller's own transformation: JAX takes compiler
+    options only on a top-level jit (a ValueError otherwise), and the caller's program is compiled
+    with its own."""
+    return {k: v for k, v in jit_kwargs.items() if k != "compiler_options"}
+
+
 def jit(fn: Callable[..., Any], *, donate_argnums: Sequence[int] = (), **jit_kwargs: Any) -> Jitted:
     return Jitted(fn, donate_argnums=donate_argnums, **jit_kwargs)
 
@@ -115,7 +118,7 @@ class TopLevel:
 
     def __init__(self, fn: Callable[..., Any], **jit_kwargs: Any):
         self._top = jax.jit(fn, **jit_kwargs)
-        plain = {k: v for k, v in jit_kwargs.items() if k != "compiler_options"}
+        plain = _nested_options(jit_kwargs)
         self._nested = jax.jit(fn, **plain) if plain != jit_kwargs else self._top
 
     def __call__(self, *args: Any) -> Any:

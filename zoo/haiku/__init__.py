@@ -54,7 +54,7 @@ def build(plan: Any, dtype: Any = jnp.float32, cross_replica_axis: Optional[str]
 
 def _without_reprs(forward: Callable) -> Callable:
     """`forward` with Haiku's module reprs off: Haiku pretty-prints every module's constructor
-    arguments as the module is made, in every trace (a fifth of tracing a ResNet-50 forward under
+    arguments as the module is made, in every trace (a quarter of tracing a ResNet-50 predict under
     the profiler), for a repr that nobody sees of modules living inside the transform."""
 
     @functools.wraps(forward)
