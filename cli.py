@@ -18,7 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="PyTorch CNNs (timm / torchvision) as dm-haiku and Equinox models, converted exactly.",
                   epilog="Compiled programs are kept in JAX's persistent compilation cache, "
                          "$XDG_CACHE_HOME/zoo/jax (~/.cache/zoo/jax): ZOO_CACHE_DIR moves it, "
-                         "ZOO_COMPILATION_CACHE=0 turns it off. On a CPU, inference compiles "
+                         "ZOO_COMPILATION_CACHE=0 turns it off; `zoo cache` shows it, `zoo cache --clear` "
+                         "empties it. On a CPU, inference compiles "
                          "convolutions with XLA's own emitter (faster than jaxlib's YNNPACK fusions "
                          "here): ZOO_CPU_XLA_CONV=0 keeps JAX's default.")
 console = Console()
@@ -318,6 +319,33 @@ def info(path: Path = typer.Argument(..., help="A zoo .safetensors file."),
         table.add_row(Text(k), Text(text))  # file contents are never read as markup
     table.add_row("size", _human(path.stat().st_size))
     console.print(table)
+
+
+@app.command()
+def cache(clear: bool = typer.Option(False, "--clear", help="Delete zoo's compiled programs."),
+          as_json: bool = typer.Option(False, "--json")) -> None:
+    """Where compiled programs are kept, how many and their size; --clear deletes them (after JAX
+    warns "Error reading persistent compilation cache entry" in every run, for example). A cache
+    folder you gave JAX yourself is only shown."""
+    try:
+        from zoo import _cache
+
+        summary = _cache.clear() if clear else _cache.describe()
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+        return
+    if clear:
+        summary["deleted"] = summary.pop("entries")
+    if as_json:
+        print(json.dumps(summary))
+        return
+    if summary["dir"] is None:
+        console.print("compilation cache: off (ZOO_COMPILATION_CACHE)", highlight=False)
+        return
+    owner = "zoo's" if summary["owner"] == "zoo" else "JAX's own (zoo leaves it alone)"
+    count = summary.get("deleted", summary.get("entries"))
+    verb = "deleted" if clear else "holds"
+    console.print(Text(f"{summary['dir']}: {owner}; {verb} {count} compiled programs, {_human(summary['bytes'])}"))
 
 
 @app.command()

@@ -72,3 +72,71 @@ def test_cache_location(monkeypatch, tmp_path):
 def test_a_cache_the_user_gave_jax_is_kept(tmp_path):
     out = _run({"ZOO_CACHE_DIR": str(tmp_path / "zoo"), "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "mine")})
     assert out["dir"] == str(tmp_path / "mine") and not (tmp_path / "zoo").exists()
+
+
+def _run_full(env: dict[str, str]) -> tuple[dict, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("ZOO_", "JAX_COMPILATION_CACHE"))}
+    proc = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env={**base, **env},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def _zoo_cache(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("ZOO_", "JAX_COMPILATION_CACHE"))}
+    return subprocess.run([sys.executable, "-c", "from cli import app; app()", "cache", *args], cwd=ROOT,
+                          env={**base, **env}, capture_output=True, text=True, timeout=300)
+
+
+def test_a_truncated_entry_is_recompiled_every_time_until_zoo_cache_clear(tmp_path):
+    """What a user meets after a process died while JAX wrote an entry: every later process warns
+    and recompiles (JAX never rewrites an existing entry); `zoo cache --clear` ends it."""
+    cache = tmp_path / "jax-cache"
+    env = {"ZOO_CACHE_DIR": str(cache)}
+    first, _ = _run_full(env)
+    assert first["misses"] >= 1
+    entry = max((p for p in cache.iterdir() if p.name.startswith("jit__lambda")), key=lambda p: p.stat().st_size)
+    truncated = entry.read_bytes()[: entry.stat().st_size // 2]
+    entry.write_bytes(truncated)
+    (cache / "notes.txt").write_text("not JAX's")
+
+    for _ in range(2):
+        broken, err = _run_full(env)
+        assert "Error reading persistent compilation cache entry" in err and broken["misses"] >= 1
+    assert entry.read_bytes() == truncated  # never rewritten
+
+    shown = _zoo_cache(env, "--json")
+    assert shown.returncode == 0, shown.stderr
+    summary = json.loads(shown.stdout)
+    assert summary["dir"] == str(cache) and summary["owner"] == "zoo"
+    assert summary["entries"] == len(list(cache.glob("*-cache"))) >= 1
+    assert summary["bytes"] == sum(p.stat().st_size for p in cache.glob("*-cache"))
+
+    cleared = _zoo_cache(env, "--clear")
+    assert cleared.returncode == 0 and "deleted" in cleared.stdout, cleared.stderr
+    assert [p.name for p in cache.iterdir()] == ["notes.txt"]  # only JAX's entries go
+
+    refill, err = _run_full(env)
+    assert "Error reading" not in err and refill["misses"] >= 1
+    again, err = _run_full(env)
+    assert "Error reading" not in err and again["hits"] >= 1 and again["misses"] == 0
+
+
+def test_zoo_cache_leaves_a_folder_given_to_jax_and_says_when_off(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "jit_f-0123-cache").write_bytes(b"x" * 10)
+    refused = _zoo_cache({"JAX_COMPILATION_CACHE_DIR": str(mine)}, "--clear")
+    assert refused.returncode == 1 and "leaves it alone" in refused.stderr
+    assert (mine / "jit_f-0123-cache").exists()
+    shown = _zoo_cache({"JAX_COMPILATION_CACHE_DIR": str(mine)}, "--json")
+    assert json.loads(shown.stdout) == {"dir": str(mine), "owner": "jax", "entries": 1, "bytes": 10}
+    off = _zoo_cache({"ZOO_COMPILATION_CACHE": "0"})
+    assert off.returncode == 0 and "off" in off.stdout
+
+    # Inside a process that already runs zoo's cache, JAX's setting is zoo's folder: still zoo's.
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("ZOO_", "JAX_COMPILATION_CACHE"))}
+    code = "import json; from zoo import _cache; _cache.enable(); print(json.dumps(_cache.describe()))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**base, "ZOO_CACHE_DIR": str(tmp_path / "z")},
+                          capture_output=True, text=True, timeout=300)
+    assert json.loads(proc.stdout) == {"dir": str(tmp_path / "z"), "owner": "zoo", "entries": 0, "bytes": 0}

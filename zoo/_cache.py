@@ -67,3 +67,46 @@ def enable() -> Optional[str]:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
         _state["dir"] = str(path)
     return _state["dir"]
+
+
+# JAX names an entry `<module>-<hash>-cache`, and the access time its LRU eviction keeps
+# `<module>-<hash>-atime`; only those are counted or deleted, whatever else the folder holds.
+_ENTRY_SUFFIXES = ("-cache", "-atime")
+
+
+def _entries(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(_ENTRY_SUFFIXES))
+
+
+def describe() -> dict[str, object]:
+    """The cache a zoo process would use: `dir` (None: off), `owner` ("zoo": zoo's own folder;
+    "jax": a folder the user gave JAX), and its compiled programs (`entries`, `bytes`)."""
+    import jax
+
+    given = jax.config.jax_compilation_cache_dir  # zoo's own folder once `enable` ran
+    ours = cache_dir()
+    theirs = bool(given) and (ours is None or Path(given).expanduser() != ours)
+    folder = Path(given).expanduser() if theirs else ours
+    if folder is None:
+        return {"dir": None, "owner": None, "entries": 0, "bytes": 0}
+    entries = [p for p in _entries(folder) if p.name.endswith("-cache")]
+    return {"dir": str(folder), "owner": "jax" if theirs else "zoo", "entries": len(entries),
+            "bytes": sum(p.stat().st_size for p in entries)}
+
+
+def clear() -> dict[str, object]:
+    """Delete the compiled programs in zoo's own cache folder (what `describe` counts), e.g. after
+    JAX warns "Error reading persistent compilation cache entry" in every process: JAX never
+    rewrites an entry that exists, so one left truncated (a process killed while writing it) is
+    read, rejected and recompiled in every process until it is deleted. A folder the user gave JAX
+    is theirs and left alone (a ValueError). Returns `describe()` from before the deletion."""
+    before = describe()
+    if before["owner"] == "jax":
+        raise ValueError(f"the compilation cache is JAX's own folder {before['dir']} (JAX_COMPILATION_CACHE_DIR "
+                         "or jax.config), not zoo's: zoo leaves it alone")
+    if before["dir"] is not None:
+        for p in _entries(Path(str(before["dir"]))):
+            p.unlink(missing_ok=True)
+    return before
