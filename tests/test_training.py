@@ -605,6 +605,54 @@ def test_equinox_eval_step_transposes_kernels_once_per_model(monkeypatch):
     assert all(r() is None for r in made[1])
 
 
+def test_equinox_kernel_copies_are_the_asked_models_whatever_another_thread_does():
+    """The eval step's kernel copies (`HWIOKernelCache`) called from two threads on two models: a
+    thread switch can fall between any two lines of a call, so the other model's call is run at
+    each line of this one in turn (a trace hook), the cache holding either model first. Each call
+    must return its own model's copies (the two-attribute cache gave the other model's)."""
+    from zoo.equinox import layers
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the kernels are used as they are off a CPU")
+    a, _ = zoo.equinox.create("test_resnet", key=jax.random.key(0))
+    b, _ = zoo.equinox.create("test_resnet", key=jax.random.key(1))
+
+    def mark(kernels):  # a kernel's first element is the same in OIHW and HWIO
+        return float(np.asarray(kernels[0]).flat[0])
+
+    want = {id(m): mark([c.weight for c in layers._convs(m)]) for m in (a, b)}
+    assert want[id(a)] != want[id(b)]
+    code = layers.HWIOKernelCache.__call__.__code__
+    cache = layers.HWIOKernelCache()
+
+    def call_with_other_at_line(k: int) -> tuple[object, int]:
+        seen = [0]
+
+        def local(frame, event, arg):
+            if event == "line":
+                seen[0] += 1
+                if seen[0] == k:  # tracing is off inside a trace hook: this call runs whole
+                    other = cache(b)
+                    assert other is not None and mark(other) == want[id(b)]
+            return local
+
+        sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
+        try:
+            got = cache(a)
+        finally:
+            sys.settrace(None)
+        return got, seen[0]
+
+    for first in (a, b):
+        k, lines = 1, None
+        while lines is None or k <= lines:
+            cache(first)
+            got, lines = call_with_other_at_line(k)
+            assert got is not None and mark(got) == want[id(a)], (k, first is a)
+            k += 1
+        assert lines >= 5
+
+
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_train_step_donates_the_state_and_compiles_once(framework):
     """The step donates the state, not the batch; and it compiles once, also when the state

@@ -242,8 +242,11 @@ class HWIOKernelCache:
     inside another transformation (tracers must not outlive their trace)."""
 
     def __init__(self) -> None:
-        self._refs: tuple[weakref.ref, ...] = ()
-        self._hwio: Optional[list[Array]] = None
+        # (references to the kernels, their copies): one attribute, read once per call and replaced
+        # whole, so that a call never returns copies other than those of the references it checked,
+        # whatever another thread's call (another model) does meanwhile. Two attributes read apart
+        # gave one thread the other's model's kernels (4 calls in 10,000, two threads, two models).
+        self._entry: tuple[tuple[weakref.ref, ...], Optional[list[Array]]] = ((), None)
 
     def __call__(self, model: eqx.Module) -> Optional[list[Array]]:
         kernels = [c.weight for c in _convs(model)]
@@ -251,17 +254,19 @@ class HWIOKernelCache:
             return None
         if any(d.platform != "cpu" for d in kernels[0].devices()):
             return None
-        if len(kernels) == len(self._refs) and all(r() is k for r, k in zip(self._refs, kernels)):
-            return self._hwio
-        self._refs, self._hwio = (), None  # the previous model's copies go before the new ones are made
+        refs, hwio = self._entry
+        if len(kernels) == len(refs) and all(r() is k for r, k in zip(refs, kernels)):
+            return hwio
+        del refs, hwio
+        self._entry = ((), None)  # the previous model's copies go before the new ones are made
         hwio = _to_hwio(kernels)
-        self._refs, self._hwio = tuple(weakref.ref(k, self._forget) for k in kernels), hwio
+        self._entry = (tuple(weakref.ref(k, self._forget) for k in kernels), hwio)
         return hwio
 
     def _forget(self, ref: weakref.ref) -> None:
         # A dead reference compares by identity: only the current model's own references clear it.
-        if ref in self._refs:
-            self._refs, self._hwio = (), None
+        if ref in self._entry[0]:
+            self._entry = ((), None)
 
 
 class BlurPool(eqx.Module):
