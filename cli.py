@@ -20,8 +20,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                          "$XDG_CACHE_HOME/zoo/jax (~/.cache/zoo/jax): ZOO_CACHE_DIR moves it, "
                          "ZOO_COMPILATION_CACHE=0 turns it off; `zoo cache` shows it, `zoo cache --clear` "
                          "empties it. On a CPU, inference compiles "
-                         "convolutions with XLA's own emitter (faster than jaxlib's YNNPACK fusions "
-                         "here): ZOO_CPU_XLA_CONV=0 keeps JAX's default.")
+                         "convolutions and reductions with XLA's own emitter (faster than jaxlib's "
+                         "YNNPACK fusions here): ZOO_CPU_XLA_CONV=0 keeps JAX's default.")
 console = Console()
 err_console = Console(stderr=True)
 _debug = {"on": False}

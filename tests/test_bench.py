@@ -216,3 +216,23 @@ def test_layer_benchmark_times_every_layer_of_the_model(tmp_path):
             bench.time_layer(dict(layer), 1, np.random.default_rng(0))
     finally:
         torch.nn.functional.conv2d = wrong
+
+
+def test_ynn_option_benchmark_times_each_variant_on_the_same_logits(tmp_path):
+    """benchmarks/bench_cpu_ynn.py: every YNNPACK option list compiles and times the same predict
+    in one process, and the variants' logits agree (they differ only in which library computes)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "ynn.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_cpu_ynn.py"), "--archs", ARCH,
+                    "--batches", "1", "2", "--size", "33", "--calls", "2", "--blocks", "2",
+                    "--variants", "dots+reductions", "dots", "none", "--out", str(out)],
+                   check=True, cwd=root, capture_output=True, env=env)
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert row["arch"] == ARCH and result["config"]["variants"] == ["dots+reductions", "dots", "none"]
+    for b in (1, 2):
+        assert set(row[f"batch{b}_ms"]) == {"dots+reductions", "dots", "none"}
+        assert all(v > 0 for v in row[f"batch{b}_ms"].values())
+        assert row[f"batch{b}_rel_to_first"]["dots+reductions"] == 0
+        assert all(v < 1e-5 for v in row[f"batch{b}_rel_to_first"].values())

@@ -196,8 +196,9 @@ def test_predict_inside_grad_jit_and_vmap_matches_pytorch(tmp_path, checkpoint, 
 def test_zoo_functions_compile_cpu_convolutions_with_xla_s_own_emitter(tmp_path, checkpoint, framework,
                                                                        monkeypatch):
     """On a CPU, jaxlib runs convolutions as YNNPACK fusions by default; zoo's own jitted
-    inference functions (predict here, and the eval step) take those away
-    (zoo/_xla.py: faster on the benchmark's CPU, docs/benchmarks.md). `ZOO_CPU_XLA_CONV=0`, or the
+    inference functions (predict here, and the eval step) take those away, and YNNPACK's
+    reductions, which can take convolutions in (zoo/_xla.py: faster on the benchmark's CPU,
+    docs/benchmarks.md). `ZOO_CPU_XLA_CONV=0`, or the
     user's own setting of the option in XLA_FLAGS, keeps JAX's default. The logits agree."""
     from zoo._xla import jit_options
     from zoo.model import make_predict
@@ -208,7 +209,7 @@ def test_zoo_functions_compile_cpu_convolutions_with_xla_s_own_emitter(tmp_path,
     loaded = zoo.load(path).loaded
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 64, 80)), jnp.float32)
 
-    def ynn_convolutions(predict) -> int:
+    def ynn_convolutions(predict, x=x) -> int:
         """YNNPACK fusions whose fused computation holds a convolution."""
         compiled = predict.func.lower(*predict.args, x).compile()
         hlo = getattr(compiled, "compiled", compiled).as_text()  # Equinox wraps JAX's
@@ -224,6 +225,9 @@ def test_zoo_functions_compile_cpu_convolutions_with_xla_s_own_emitter(tmp_path,
     # ResNet-18: 17 convolutions larger than 1x1 (its three 1x1 ones are dot products anyway).
     assert ynn_convolutions(default_predict) >= 10
     assert ynn_convolutions(zoo_predict) == 0
+    # At batch 1, 224², a YNNPACK reduction fusion took the classifier's pool and layer4's
+    # convolutions with it (half speed) until zoo took YNNPACK's reductions away as well.
+    assert ynn_convolutions(zoo_predict, jnp.zeros((1, 3, 224, 224), jnp.float32)) == 0
     assert rel_err(default_predict(x), zoo_predict(x)) < 1e-5
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
     assert jit_options() == {}

@@ -5,7 +5,10 @@ optimized HLO). XLA's own convolution emitter ran zoo's ResNet-50 faster on the 
 CPU (docs/benchmarks.md, "Why XLA:CPU loses to PyTorch here"), with logits within 1e-6 of the
 YNNPACK ones. So zoo compiles its inference functions with YNNPACK's convolutions taken away, per
 function (`jax.jit(..., compiler_options=...)`): the user's other programs are left alone, and so
-is a GPU.
+is a GPU. YNNPACK's reductions are taken away too: a reduction fusion takes in the producers of the
+classifier's global pool, convolutions included (a ResNet-18 at batch 1, 224²: all of layer4),
+which then ran at half speed (ResNet-18 batch 1: 52-54 ms with them, 24-25 ms without; SE and ECA
+nets, whose attention pools YNNPACK reduces faster, lose 5-10%; docs/benchmarks.md).
 
 Training steps keep JAX's default: the option was faster there too, but a different convolution
 algorithm rounds differently, and one of the seed-chosen fp32 training-parity tests then crossed a
@@ -15,7 +18,7 @@ ReLU kink (tiered-stem Haiku: 32 gradients off). Users who want it for training 
 - `ZOO_CPU_XLA_CONV=0` (or `false`/`off`/`no`) keeps JAX's default;
 - a YNN fusion setting the user gave in `XLA_FLAGS` is kept;
 - another jaxlib than 0.10 gets none: the option is experimental, and the value below is 0.10's
-  default list less convolutions.
+  default list less convolutions and reductions.
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ from typing import Any
 from ._cache import switched_off
 
 _YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
-# jaxlib 0.10's default list less convolutions: the optimized HLO of a ResNet-50 forward is the
-# one `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION`
+# jaxlib 0.10's default list less convolutions and reductions: what
+# `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,-LIBRARY_FUSION_TYPE_REDUCE`
 # gives (compiler options take a whole list, not the flag's +/- edits).
-_CPU_CONV = {_YNN_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+_CPU_CONV = {_YNN_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
 def jit_options() -> dict[str, Any]:
