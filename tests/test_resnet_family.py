@@ -188,14 +188,17 @@ def _deep_reference():
 def test_misrouted_tensor_fails_parity(key):
     """The randomised references stay sensitive to mapping errors where they are least so, in the
     down-scaled residual branches of a deep model: two swapped tensors move the logits by 100x
-    the tolerance or more, while the true mapping passes."""
+    the tolerance or more, while the true mapping passes. A running mean swapped into a variance
+    is negative in places, and PyTorch's logits are then NaN; zoo's are NaN too, which counts as
+    moved (JAX's default CPU programs, and zoo's before the ninth session, gave finite logits
+    there: their YNNPACK fusions did not carry the NaN through)."""
     model, sd, good = _deep_reference()
     a, b = MISROUTED[key]
     assert sd[a].shape == sd[b].shape
     swapped = dict(sd, **{a: sd[b], b: sd[a]})
     bad = verify("resnet101", swapped, "haiku", batch=2, size=ODD, reference=model)
     assert good.passed and good.rel <= 1e-5, good
-    assert not bad.passed and bad.rel >= 1e-3, bad
+    assert not bad.passed and not bad.rel < 1e-3, bad  # NaN included
 
 
 # --- training mode ----------------------------------------------------------------------------
