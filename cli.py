@@ -343,9 +343,8 @@ def cache(clear: bool = typer.Option(False, "--clear", help="Delete zoo's compil
         console.print("compilation cache: off (ZOO_COMPILATION_CACHE)", highlight=False)
         return
     owner = "zoo's" if summary["owner"] == "zoo" else "JAX's own (zoo leaves it alone)"
-    count = summary.get("deleted", summary.get("entries"))
-    verb = "deleted" if clear else "holds"
-    console.print(Text(f"{summary['dir']}: {owner}; {verb} {count} compiled programs, {_human(summary['bytes'])}"))
+    done = f"deleted {summary['deleted']}" if clear else f"holds {summary['entries']}"
+    console.print(Text(f"{summary['dir']}: {owner}; {done} compiled programs, {_human(summary['bytes'])}"))
 
 
 @app.command()

@@ -30,12 +30,22 @@ print(json.dumps({"dir": jax.config.jax_compilation_cache_dir,
 """
 
 
-def _run(env: dict[str, str]) -> dict:
+def _python(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """A fresh Python process with this one's environment less any cache setting, plus `env`."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("ZOO_", "JAX_COMPILATION_CACHE"))}
-    proc = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env={**base, **env},
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env={**base, **env}, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _run_full(env: dict[str, str]) -> tuple[dict, str]:
+    """CHILD's JSON line, and its stderr (JAX's warnings)."""
+    proc = _python(env, "-c", CHILD)
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def _run(env: dict[str, str]) -> dict:
+    return _run_full(env)[0]
 
 
 def test_second_process_reuses_compiled_programs(tmp_path):
@@ -74,18 +84,8 @@ def test_a_cache_the_user_gave_jax_is_kept(tmp_path):
     assert out["dir"] == str(tmp_path / "mine") and not (tmp_path / "zoo").exists()
 
 
-def _run_full(env: dict[str, str]) -> tuple[dict, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("ZOO_", "JAX_COMPILATION_CACHE"))}
-    proc = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env={**base, **env},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
-
-
 def _zoo_cache(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("ZOO_", "JAX_COMPILATION_CACHE"))}
-    return subprocess.run([sys.executable, "-c", "from cli import app; app()", "cache", *args], cwd=ROOT,
-                          env={**base, **env}, capture_output=True, text=True, timeout=300)
+    return _python(env, "-c", "from cli import app; app()", "cache", *args)
 
 
 def test_a_truncated_entry_is_recompiled_every_time_until_zoo_cache_clear(tmp_path):
@@ -135,8 +135,6 @@ def test_zoo_cache_leaves_a_folder_given_to_jax_and_says_when_off(tmp_path):
     assert off.returncode == 0 and "off" in off.stdout
 
     # Inside a process that already runs zoo's cache, JAX's setting is zoo's folder: still zoo's.
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("ZOO_", "JAX_COMPILATION_CACHE"))}
     code = "import json; from zoo import _cache; _cache.enable(); print(json.dumps(_cache.describe()))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**base, "ZOO_CACHE_DIR": str(tmp_path / "z")},
-                          capture_output=True, text=True, timeout=300)
+    proc = _python({"ZOO_CACHE_DIR": str(tmp_path / "z")}, "-c", code)
     assert json.loads(proc.stdout) == {"dir": str(tmp_path / "z"), "owner": "zoo", "entries": 0, "bytes": 0}
