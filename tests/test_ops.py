@@ -97,3 +97,41 @@ def test_pointwise_conv_is_a_dot_with_torch_s_values_and_gradients(stride, dims)
     assert "convolution" not in grad.lower(xj, wj).as_text()
     for_gpu = jax.export.export(grad, platforms=["cuda"])(xj, wj).mlir_module()
     assert "convolution" in for_gpu and "dot_general" not in for_gpu
+
+
+@pytest.mark.parametrize("platform", ["cpu", None])
+def test_relu_carries_nans_through_reductions_with_torch_s_gradient(platform):
+    """jaxlib's CPU backend fuses reductions, with the elementwise work feeding them, into YNNPACK
+    kernels whose maximum drops NaNs: `jnp.sum(jax.nn.relu(x))` of a NaN came out finite, and a
+    training step fed a NaN pixel returned a finite loss. `ops.relu` keeps the NaN (as
+    torch.relu) and PyTorch's gradient (zero where x <= 0, the incoming one at a NaN), traced for
+    the CPU or for a platform chosen at lowering; lowered for a GPU it stays a maximum."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 9, 7, 16)).astype(np.float32)
+    x[0, 3, 4, 5] = np.nan
+    x[1, 2, 2, :4] = 0.0
+    xt = torch.tensor(x, requires_grad=True)
+    yt = torch.relu(xt)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    yt.backward(torch.tensor(dy))
+
+    def relu(a):  # a function of this test's own: JAX's trace cache is blind to `tracing_for`
+        return ops.relu(a)
+
+    def pooled(a):
+        return jnp.sum(ops.relu(a), axis=(0, 1, 2))
+
+    with ops.tracing_for(platform):
+        y, vjp = jax.vjp(jax.jit(relu), jnp.asarray(x))
+        (dx,) = vjp(jnp.asarray(dy))
+        sums = jax.jit(pooled)(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy())
+    np.testing.assert_array_equal(np.asarray(dx), xt.grad.numpy())
+    ref = torch.relu(torch.tensor(x)).sum(dim=(0, 1, 2)).numpy()
+    np.testing.assert_array_equal(np.isnan(np.asarray(sums)), np.isnan(ref))
+    assert np.isnan(ref).sum() == 1
+    np.testing.assert_allclose(np.asarray(sums), ref, rtol=1e-5)
+    if platform is None:
+        module = jax.export.export(jax.jit(relu), platforms=["cuda"])(jnp.asarray(x)).mlir_module()
+        for_gpu = "\n".join(line for line in module.splitlines() if not line.startswith("#loc"))
+        assert "stablehlo.maximum" in for_gpu and "stablehlo.select" not in for_gpu

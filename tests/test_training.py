@@ -188,6 +188,13 @@ def test_jitted_gradients_and_steps(arch, overrides, framework):
     moved = _torch_named(framework, ts.params)
     start = _torch_named(framework, params)
     assert all(not np.array_equal(moved[k], start[k]) for k in start), "a parameter was not updated"
+    # One NaN pixel: training-mode BatchNorm spreads it over the batch, so the loss is NaN, as in
+    # PyTorch. On a CPU, jaxlib's YNNPACK reductions dropped it (ReLU as a maximum fused into
+    # them): a finite loss beside NaN parameters. The same compiled step; `ts` is donated here.
+    poisoned = np.array(images)
+    poisoned[(0,) * (poisoned.ndim - 1) + (1,)] = np.nan
+    _, metrics = step(ts, jnp.asarray(poisoned), labels, jax.random.key(10))
+    assert np.isnan(float(metrics["loss"])), float(metrics["loss"])
 
     forward = zt._forward(model)
     diff, static = eqx.partition(params, eqx.is_inexact_array)

@@ -44,6 +44,30 @@ def tracing_for(platform: Optional[str]):
         _PLATFORM.reset(token)
 
 
+def _relu_select(x: Array) -> Array:
+    # NaN <= 0 is false, so a NaN passes through, and the gradient is PyTorch's (zero where
+    # x <= 0, the incoming one elsewhere, NaN included).
+    return jnp.where(x <= 0, jnp.zeros((), x.dtype), x)
+
+
+def relu(x: Array) -> Array:
+    """ReLU that carries NaNs through as PyTorch's does, on a CPU too.
+
+    Why: jaxlib's CPU backend hands reductions, with the elementwise work feeding them, to YNNPACK,
+    whose fused maximum drops NaNs. A training step fed one NaN pixel returned a finite loss while
+    its gradients made the parameters NaN (ResNet-18, both frameworks), so the one number a
+    researcher watches hid the fault. Compiled for a CPU, ReLU is a select instead; elsewhere it
+    stays `jax.nn.relu` (a maximum, which XLA's GPU backend propagates NaNs through and may fuse
+    into a convolution). Chosen for the platform traced for, else when the program is lowered.
+    """
+    platform = _PLATFORM.get()
+    if platform == "cpu":
+        return _relu_select(x)
+    if platform is not None:
+        return jax.nn.relu(x)
+    return jax.lax.platform_dependent(x, cpu=_relu_select, default=jax.nn.relu)
+
+
 def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
     """PyTorch's pooling output size, including its ceil_mode rule that the last window must
     start inside the input or the left padding (never wholly in the right padding)."""

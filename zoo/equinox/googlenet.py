@@ -36,7 +36,7 @@ class BasicConv2d(eqx.Module):
         x = self.conv(x)
         if self.bn is not None:
             x, state = self.bn(x, state)
-        return jax.nn.relu(x), state
+        return ops.relu(x), state
 
 
 class MaxPool(eqx.Module):
@@ -105,7 +105,7 @@ class InceptionAux(eqx.Module):
         x = ops.adaptive_avg_pool(x, self.pool_hw, SPATIAL_AXES)
         x, state = self.conv(x, state)
         # fc1's inputs are in PyTorch's flatten order (C, H, W): a small transpose of the 4x4 map.
-        x = jax.nn.relu(self.fc1(to_chw(x).reshape(-1)))
+        x = ops.relu(self.fc1(to_chw(x).reshape(-1)))
         if not self.inference and self.dropout > 0:
             x = ops.dropout(x, self.dropout, _need_key(key))
         return self.fc2(x).astype(ops.stat_dtype(x.dtype)), state

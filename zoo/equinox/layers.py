@@ -176,7 +176,7 @@ class ReLU(eqx.Module):
     """A parameter-free placeholder that keeps PyTorch's Sequential indices (`conv1.2`)."""
 
     def __call__(self, x: Array, state: eqx.nn.State) -> tuple[Array, eqx.nn.State]:
-        return jax.nn.relu(x), state
+        return ops.relu(x), state
 
 
 class Conv1d(eqx.Module):

@@ -101,7 +101,7 @@ class SqueezeExcite(eqx.Module):
 
     def __call__(self, x: Float[Array, "H W C"]) -> Float[Array, "H W C"]:
         s = jnp.mean(x, axis=SPATIAL_AXES, keepdims=True)
-        return x * jax.nn.sigmoid(self.fc2(jax.nn.relu(self.fc1(s))))
+        return x * jax.nn.sigmoid(self.fc2(ops.relu(self.fc1(s))))
 
 
 class EcaModule(eqx.Module):
@@ -128,7 +128,7 @@ def _add_shortcut(out: Array, x: Array, downsample: Optional[tuple], state: Stat
     """relu(branch + shortcut), the shortcut downsampled where the block changes shape."""
     if downsample is not None:
         x, state = _sequential(downsample, x, state)
-    return jax.nn.relu(out + x), state
+    return ops.relu(out + x), state
 
 
 def _apply_attn(attn: Optional[Union[SqueezeExcite, EcaModule]], x: Array) -> Array:
@@ -153,7 +153,7 @@ class ConvNormAct(eqx.Module):
                  key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "Ho Wo O"], State]:
         x, state = _apply_norm(self.bn, self.conv(x), state)
         x = _drop_block(self.drop_block, self.inference, x, key)
-        return (jax.nn.relu(x) if self.act else x), state
+        return (ops.relu(x) if self.act else x), state
 
 
 class SplitAttn(eqx.Module):
@@ -181,12 +181,12 @@ class SplitAttn(eqx.Module):
                  key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "Ho Wo C"], State]:
         r = self.radix
         x, state = _apply_norm(self.bn0, self.conv(x), state)
-        x = jax.nn.relu(_drop_block(self.drop_block, self.inference, x, key))
+        x = ops.relu(_drop_block(self.drop_block, self.inference, x, key))
         h, w, rc = x.shape
         splits = x.reshape(h, w, r, rc // r)  # PyTorch's (radix, C) channel order
         gap = jnp.sum(splits, axis=2) if r > 1 else x
         gap, state = _apply_norm(self.bn1, self.fc1(jnp.mean(gap, axis=SPATIAL_AXES, keepdims=True)), state)
-        attn = ops.radix_softmax(self.fc2(jax.nn.relu(gap))[0, 0], r, self.groups)
+        attn = ops.radix_softmax(self.fc2(ops.relu(gap))[0, 0], r, self.groups)
         if r == 1:
             return x * attn, state
         return jnp.sum(splits * attn.reshape(r, rc // r), axis=2), state
@@ -207,7 +207,7 @@ class SelectiveKernelAttn(eqx.Module):
 
     def __call__(self, x: Float[Array, "H W C"], state: State) -> tuple[Float[Array, "1 1 P C"], State]:
         s, state = _apply_norm(self.bn, self.fc_reduce(jnp.mean(x, axis=SPATIAL_AXES, keepdims=True)), state)
-        s = self.fc_select(jax.nn.relu(s))
+        s = self.fc_select(ops.relu(s))
         return jax.nn.softmax(s.reshape(1, 1, self.paths, -1), axis=2), state
 
 
@@ -286,12 +286,12 @@ class Block(eqx.Module):
         shortcut = x
         x, state = _apply_norm(self.bn1, self.conv1(x), state)
         if self.conv3 is None:  # basic: DropBlock and anti-aliasing after the first conv
-            x = jax.nn.relu(_drop_block(self.drop_block, self.inference, x, k_block))
+            x = ops.relu(_drop_block(self.drop_block, self.inference, x, k_block))
             x, state = _sequential(self.aa, x, state)
             x, state = _apply_norm(self.bn2, self.conv2(x), state)
         else:  # bottleneck: after the strided 3x3
-            x, state = _apply_norm(self.bn2, self.conv2(jax.nn.relu(x)), state)
-            x = jax.nn.relu(_drop_block(self.drop_block, self.inference, x, k_block))
+            x, state = _apply_norm(self.bn2, self.conv2(ops.relu(x)), state)
+            x = ops.relu(_drop_block(self.drop_block, self.inference, x, k_block))
             x, state = _sequential(self.aa, x, state)
             x, state = _apply_norm(self.bn3, self.conv3(x), state)
         x = _drop_path(self.drop_path, self.inference, _apply_attn(self.se, x), k_path)
@@ -330,7 +330,7 @@ class Bottle2neck(eqx.Module):
                  key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "Ho Wo O"], State]:
         k_block, k_path = _split(key, 2)
         out, state = _apply_norm(self.bn1, self.conv1(x), state)
-        spx = jnp.split(jax.nn.relu(out), self.scale, axis=CHANNEL_AXIS)
+        spx = jnp.split(ops.relu(out), self.scale, axis=CHANNEL_AXIS)
         # A stage's first block (the one with the pool) feeds each split alone; later blocks add
         # the previous split's output (the hierarchical residual).
         is_first = self.pool is not None
@@ -338,7 +338,7 @@ class Bottle2neck(eqx.Module):
         for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
             sp = spx[i] if i == 0 or is_first else sp + spx[i]
             sp, state = _apply_norm(bn, conv(sp), state)
-            sp = jax.nn.relu(sp)
+            sp = ops.relu(sp)
             spo.append(sp)
         if self.scale > 1:
             spo.append(self.pool(spx[-1], state)[0] if is_first else spx[-1])
@@ -377,7 +377,7 @@ class ResNestBottleneck(eqx.Module):
                  key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "Ho Wo O"], State]:
         k_block, k_path = _split(key, 2)
         out, state = _apply_norm(self.bn1, self.conv1(x), state)
-        out, state = _sequential(self.avd_first, jax.nn.relu(out), state)
+        out, state = _sequential(self.avd_first, ops.relu(out), state)
         out, state = self.conv2(out, state, key=k_block)
         out, state = _sequential(self.avd_last, out, state)
         out, state = _apply_norm(self.bn3, self.conv3(out), state)
@@ -523,7 +523,7 @@ class ResNet(eqx.Module):
         x = to_hwc(x.astype(self.dtype))
         x, state = _sequential(self.conv1, x, state)
         x, state = _apply_norm(self.bn1, x, state)
-        x = jax.nn.relu(x)
+        x = ops.relu(x)
         features = [x]
         if self.maxpool is not None:
             x, state = _sequential(self.maxpool, x, state)

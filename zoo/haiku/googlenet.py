@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Union
 
 import haiku as hk
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -30,7 +29,7 @@ class BasicConv2d(hk.Module):
         x = Conv2d(self.plan.conv)(x)
         if self.plan.norm is not None:
             x = Norm(self.plan.norm)(x, is_training)
-        return jax.nn.relu(x)
+        return ops.relu(x)
 
 
 class Inception(hk.Module):
@@ -63,7 +62,7 @@ class InceptionAux(hk.Module):
         x = BasicConv2d(p.conv)(x, is_training)
         # fc1's inputs are in PyTorch's flatten order (C, H, W).
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
-        x = jax.nn.relu(Linear(p.fc1)(x))
+        x = ops.relu(Linear(p.fc1)(x))
         if is_training and p.dropout > 0:
             x = ops.dropout(x, p.dropout, hk.next_rng_key())
         return Linear(p.fc2)(x).astype(ops.stat_dtype(x.dtype))

@@ -57,7 +57,7 @@ class SqueezeExcite(hk.Module):
 
     def __call__(self, x: Float[Array, "N H W C"]) -> Float[Array, "N H W C"]:
         s = jnp.mean(x, axis=(1, 2), keepdims=True)
-        s = jax.nn.relu(Conv2d(self.spec.fc1)(s))
+        s = ops.relu(Conv2d(self.spec.fc1)(s))
         return x * jax.nn.sigmoid(Conv2d(self.spec.fc2)(s))
 
 
@@ -92,7 +92,7 @@ class ConvNormAct(hk.Module):
                  drop_block: Optional[DropBlockSpec] = None) -> Float[Array, "N Ho Wo Co"]:
         x = _norm(self.norm, Conv2d(self.conv)(x), is_training)
         x = _drop_block(drop_block, x, is_training)
-        return jax.nn.relu(x) if act else x
+        return ops.relu(x) if act else x
 
 
 class SplitAttn(hk.Module):
@@ -106,12 +106,12 @@ class SplitAttn(hk.Module):
     def __call__(self, x: Float[Array, "N H W C"], is_training: bool) -> Float[Array, "N Ho Wo C"]:
         p, r = self.plan, self.plan.radix
         x = _norm(p.norm("conv2.bn0"), Conv2d(p.conv("conv2.conv"))(x), is_training)
-        x = jax.nn.relu(_drop_block(p.drop_block, x, is_training))
+        x = ops.relu(_drop_block(p.drop_block, x, is_training))
         n, h, w, rc = x.shape
         splits = x.reshape(n, h, w, r, rc // r)  # PyTorch's (radix, C) channel order
         gap = jnp.sum(splits, axis=3) if r > 1 else x
         gap = jnp.mean(gap, axis=(1, 2), keepdims=True)
-        gap = jax.nn.relu(_norm(p.norm("conv2.bn1"), Conv2d(p.conv("conv2.fc1"))(gap), is_training))
+        gap = ops.relu(_norm(p.norm("conv2.bn1"), Conv2d(p.conv("conv2.fc1"))(gap), is_training))
         attn = ops.radix_softmax(Conv2d(p.conv("conv2.fc2"))(gap), r, p.groups)
         if r == 1:
             return x * attn
@@ -144,7 +144,7 @@ class _SelectiveKernelAttn(hk.Module):
     def __call__(self, x: Float[Array, "N H W C"], is_training: bool) -> Float[Array, "N 1 1 P C"]:
         p, pre = self.plan, f"{self.sk}.attn"
         s = jnp.mean(x, axis=(1, 2), keepdims=True)
-        s = jax.nn.relu(_norm(p.norm(f"{pre}.bn"), Conv2d(p.conv(f"{pre}.fc_reduce"))(s), is_training))
+        s = ops.relu(_norm(p.norm(f"{pre}.bn"), Conv2d(p.conv(f"{pre}.fc_reduce"))(s), is_training))
         s = Conv2d(p.conv(f"{pre}.fc_select"))(s)
         n, c = s.shape[0], s.shape[-1] // p.sk_paths
         return jax.nn.softmax(s.reshape(n, 1, 1, p.sk_paths, c), axis=3)
@@ -177,26 +177,26 @@ def _shortcut(p: BlockPlan, x: Array, is_training: bool) -> Array:
 
 def _finish(p: BlockPlan, x: Array, shortcut: Array, is_training: bool) -> Array:
     x = _drop_path(p.drop_path, _attn(p.attn, x), is_training)
-    return jax.nn.relu(x + _shortcut(p, shortcut, is_training))
+    return ops.relu(x + _shortcut(p, shortcut, is_training))
 
 
 def _basic(p: BlockPlan, x: Array, is_training: bool) -> Array:
     out = _conv_norm(p, "conv1", "bn1", x, is_training)
-    out = _aa(p.aa, jax.nn.relu(_drop_block(p.drop_block, out, is_training)))
+    out = _aa(p.aa, ops.relu(_drop_block(p.drop_block, out, is_training)))
     out = _conv_norm(p, "conv2", "bn2", out, is_training)
     return _finish(p, out, x, is_training)
 
 
 def _bottleneck(p: BlockPlan, x: Array, is_training: bool) -> Array:
-    out = jax.nn.relu(_conv_norm(p, "conv1", "bn1", x, is_training))
+    out = ops.relu(_conv_norm(p, "conv1", "bn1", x, is_training))
     out = _conv_norm(p, "conv2", "bn2", out, is_training)
-    out = _aa(p.aa, jax.nn.relu(_drop_block(p.drop_block, out, is_training)))
+    out = _aa(p.aa, ops.relu(_drop_block(p.drop_block, out, is_training)))
     out = _conv_norm(p, "conv3", "bn3", out, is_training)
     return _finish(p, out, x, is_training)
 
 
 def _res2net(p: BlockPlan, x: Array, is_training: bool) -> Array:
-    out = jax.nn.relu(_conv_norm(p, "conv1", "bn1", x, is_training))
+    out = ops.relu(_conv_norm(p, "conv1", "bn1", x, is_training))
     spx = jnp.split(out, p.scale, axis=-1)
     # A stage's first block (the one with the pool) feeds each split alone; later blocks add the
     # previous split's output (the hierarchical residual).
@@ -204,7 +204,7 @@ def _res2net(p: BlockPlan, x: Array, is_training: bool) -> Array:
     spo, sp = [], spx[0]
     for i in range(max(1, p.scale - 1)):
         sp = spx[i] if i == 0 or is_first else sp + spx[i]
-        sp = jax.nn.relu(_conv_norm(p, f"convs.{i}", f"bns.{i}", sp, is_training))
+        sp = ops.relu(_conv_norm(p, f"convs.{i}", f"bns.{i}", sp, is_training))
         spo.append(sp)
     if p.scale > 1:
         spo.append(ops.pool(spx[-1], p.pool) if is_first else spx[-1])
@@ -214,7 +214,7 @@ def _res2net(p: BlockPlan, x: Array, is_training: bool) -> Array:
 
 
 def _resnest(p: BlockPlan, x: Array, is_training: bool) -> Array:
-    out = jax.nn.relu(_conv_norm(p, "conv1", "bn1", x, is_training))
+    out = ops.relu(_conv_norm(p, "conv1", "bn1", x, is_training))
     if p.pool is not None and p.avd_first:
         out = ops.pool(out, p.pool)
     out = SplitAttn(p)(out, is_training)
@@ -222,10 +222,10 @@ def _resnest(p: BlockPlan, x: Array, is_training: bool) -> Array:
         out = ops.pool(out, p.pool)
     out = _conv_norm(p, "conv3", "bn3", out, is_training)
     if p.down_conv is None:
-        return jax.nn.relu(out + x)
+        return ops.relu(out + x)
     # timm's ResNestBottleneck applies drop path to the block input, which only reaches the
     # output through the downsample: mirrored as is.
-    return jax.nn.relu(out + _shortcut(p, _drop_path(p.drop_path, x, is_training), is_training))
+    return ops.relu(out + _shortcut(p, _drop_path(p.drop_path, x, is_training), is_training))
 
 
 def _sk_basic(p: BlockPlan, x: Array, is_training: bool) -> Array:
@@ -254,7 +254,7 @@ def _maxpool(plan: ResNetPlan, x: Array, is_training: bool) -> Array:
         elif isinstance(layer, NormSpec):
             x = Norm(layer)(x, is_training)
         elif isinstance(layer, ActSpec):
-            x = jax.nn.relu(x)
+            x = ops.relu(x)
         elif isinstance(layer, (PoolSpec, BlurSpec)):
             x = _aa(layer, x)
     return x
@@ -274,7 +274,7 @@ def resnet_forward(plan: ResNetPlan, dtype=jnp.float32):
             x = Conv2d(conv)(x)
             if norms:
                 x = Norm(norms[i])(x, is_training)
-            x = jax.nn.relu(x)
+            x = ops.relu(x)
         features = [x]
         if plan.maxpool:
             x = _maxpool(plan, x, is_training)
