@@ -236,3 +236,22 @@ def test_ynn_option_benchmark_times_each_variant_on_the_same_logits(tmp_path):
         assert all(v > 0 for v in row[f"batch{b}_ms"].values())
         assert row[f"batch{b}_rel_to_first"]["dots+reductions"] == 0
         assert all(v < 1e-5 for v in row[f"batch{b}_rel_to_first"].values())
+
+
+def test_relu_form_benchmark_times_both_forms_and_checks_the_nan_loss(tmp_path):
+    """benchmarks/bench_cpu_relu.py: the predict and a training step compiled with ReLU as a
+    maximum and as a select in one process, each timed; the same logits (ReLU is exact either
+    way), and zoo's form gives a NaN loss for a batch holding a NaN pixel."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "relu.json"
+    subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_cpu_relu.py"), "--archs", ARCH,
+                    "--frameworks", "haiku", "equinox", "--batch", "2", "--size", "33", "--train-batch", "2",
+                    "--train-size", "35", "--calls", "2", "--blocks", "2", "--out", str(out)],
+                   check=True, cwd=root, capture_output=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["arch"], r["framework"]) for r in rows] == [(ARCH, "haiku"), (ARCH, "equinox")]
+    for r in rows:
+        for key in ("predict_ms", "train_ms"):
+            assert set(r[key]) == {"maximum", "select"} and all(v > 0 for v in r[key].values())
+        assert r["predict_max_abs_diff"] == 0
+        assert r["nan_pixel_gives_nan_loss"]["select"] is True
