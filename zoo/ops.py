@@ -44,13 +44,13 @@ def tracing_for(platform: Optional[str]):
         _PLATFORM.reset(token)
 
 
-def _relu_select(x: Array) -> Array:
+def _relu_select(x: Float[Array, "..."]) -> Float[Array, "..."]:
     # NaN <= 0 is false, so a NaN passes through, and the gradient is PyTorch's (zero where
     # x <= 0, the incoming one elsewhere, NaN included).
     return jnp.where(x <= 0, jnp.zeros((), x.dtype), x)
 
 
-def relu(x: Array) -> Array:
+def relu(x: Float[Array, "..."]) -> Float[Array, "..."]:
     """ReLU that carries NaNs through as PyTorch's does, on a CPU too.
 
     Why: jaxlib's CPU backend hands reductions, with the elementwise work feeding them, to YNNPACK,
