@@ -46,8 +46,11 @@ def tracing_for(platform: Optional[str]):
 
 def _relu_select(x: Float[Array, "..."]) -> Float[Array, "..."]:
     # NaN <= 0 is false, so a NaN passes through, and the gradient is PyTorch's (zero where
-    # x <= 0, the incoming one elsewhere, NaN included).
-    return jnp.where(x <= 0, jnp.zeros((), x.dtype), x)
+    # x <= 0, the incoming one elsewhere, NaN included). lax, not jnp.where: that is a jitted
+    # wrapper, which Equinox's vmap batches again at every call (an Equinox ResNet-50 predict's
+    # trace and lowering: 0.165 s with jnp.where, 0.151 s with lax).
+    zero = jax.lax.full_like(x, 0)
+    return jax.lax.select(jax.lax.le(x, zero), zero, x)
 
 
 def relu(x: Float[Array, "..."]) -> Float[Array, "..."]:
