@@ -11,7 +11,7 @@ import contextvars
 import functools
 import math
 import os
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +28,10 @@ SPATIAL = (1, 2)
 _CONV_AS_DOT = os.environ.get("ZOO_CONV_AS_DOT", "cpu")
 
 # The platform a function being traced will run on, where the caller knows it (zoo's own jitted
-# functions: `zoo._jit`, the predicts). Unknown, `conv2d` stages both forms out with
-# `jax.lax.platform_dependent`, whose tracing (a conditional per 1x1 convolution, batched again
-# under Equinox's vmap) cost an Equinox GoogLeNet predict 0.2 s of each process's first call.
+# functions: `zoo._jit`, the predicts). Unknown, `_by_platform` (`conv2d`, `relu`) stages both
+# forms out with `jax.lax.platform_dependent`, whose tracing (a conditional per 1x1 convolution,
+# batched again under Equinox's vmap) cost an Equinox GoogLeNet predict 0.2 s of each process's
+# first call.
 _PLATFORM: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("zoo_platform", default=None)
 
 
@@ -42,6 +43,17 @@ def tracing_for(platform: Optional[str]):
         yield
     finally:
         _PLATFORM.reset(token)
+
+
+def _by_platform(cpu: Callable[..., Array], default: Callable[..., Array], *args: Array) -> Array:
+    """`cpu(*args)` where the traced function will run on a CPU, else `default(*args)`: chosen for
+    the platform traced for (`tracing_for`), else when the program is lowered."""
+    platform = _PLATFORM.get()
+    if platform == "cpu":
+        return cpu(*args)
+    if platform is not None:
+        return default(*args)
+    return jax.lax.platform_dependent(*args, cpu=cpu, default=default)
 
 
 def _relu_select(x: Float[Array, "..."]) -> Float[Array, "..."]:
@@ -61,14 +73,9 @@ def relu(x: Float[Array, "..."]) -> Float[Array, "..."]:
     its gradients made the parameters NaN (ResNet-18, both frameworks), so the one number a
     researcher watches hid the fault. Compiled for a CPU, ReLU is a select instead; elsewhere it
     stays `jax.nn.relu` (a maximum, which XLA's GPU backend propagates NaNs through and may fuse
-    into a convolution). Chosen for the platform traced for, else when the program is lowered.
+    into a convolution); see `_by_platform`.
     """
-    platform = _PLATFORM.get()
-    if platform == "cpu":
-        return _relu_select(x)
-    if platform is not None:
-        return jax.nn.relu(x)
-    return jax.lax.platform_dependent(x, cpu=_relu_select, default=jax.nn.relu)
+    return _by_platform(_relu_select, jax.nn.relu, x)
 
 
 def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
@@ -178,18 +185,12 @@ def conv2d(x: Array, w: Array, b: Optional[Array], *, stride: int, padding: int,
         # ResNet-50's 1x1 convolutions, forward and both gradients: 1.7x faster, the kernel gradient
         # most; docs/benchmarks.md). On a GPU the convolution stays: there cuDNN's was as fast or
         # faster (H200, bf16 ResNet-50: inference 3-6% faster, training within 1%) and compiles
-        # sooner than the GEMMs XLA autotunes. Chosen for the platform traced for, else when the
-        # program is lowered; the compiler sees one of the two. The same values up to rounding.
+        # sooner than the GEMMs XLA autotunes. The compiler sees one of the two (`_by_platform`).
+        # The same values up to rounding.
         def dot(x: Array, w: Array) -> Array:
             return _pointwise_dot(x, w, stride, dimension_numbers)
 
-        platform = _PLATFORM.get()
-        if _CONV_AS_DOT == "all" or platform == "cpu":
-            y = dot(x, w)
-        elif platform is not None:
-            y = conv(x, w)
-        else:
-            y = jax.lax.platform_dependent(x, w, cpu=dot, default=conv)
+        y = dot(x, w) if _CONV_AS_DOT == "all" else _by_platform(dot, conv, x, w)
     else:
         y = conv(x, w)
     if b is not None:
