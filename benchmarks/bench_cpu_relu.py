@@ -16,15 +16,15 @@ import contextlib
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench_cpu_ynn import medians_in_alternating_blocks  # noqa: E402 (after the path set-up)
 
 VARIANTS = ("maximum", "select")
 
@@ -43,19 +43,6 @@ def relu_form(name: str):
         yield
     finally:
         ops._relu_select = saved
-
-
-def _timed(calls: dict, n: int, blocks: int) -> dict[str, float]:
-    """Medians (ms) of each callable's calls, in alternating blocks of n."""
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    order = list(calls.items())
-    for block in range(blocks):
-        for k, call in order if block % 2 == 0 else order[::-1]:
-            for _ in range(n):
-                t0 = time.perf_counter()
-                call()
-                times[k].append(time.perf_counter() - t0)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def measure(arch: str, framework: str, batch: int, size: int, train_batch: int, train_size: int,
@@ -84,8 +71,8 @@ def measure(arch: str, framework: str, batch: int, size: int, train_batch: int, 
         predicts[name] = make_predict(loaded)
         with relu_form(name):
             outs[name] = np.asarray(predicts[name](x))
-    row["predict_ms"] = _timed({k: (lambda p=p: jax.block_until_ready(p(x))) for k, p in predicts.items()},
-                               max(1, calls // batch), blocks)
+    row["predict_ms"] = medians_in_alternating_blocks(
+        {k: (lambda p=p: jax.block_until_ready(p(x))) for k, p in predicts.items()}, max(1, calls // batch), blocks)
     row["predict_max_abs_diff"] = float(np.abs(outs["select"] - outs["maximum"]).max())
 
     # A training step, SGD, in each form: its own state (the steps donate theirs).
@@ -120,7 +107,8 @@ def measure(arch: str, framework: str, batch: int, size: int, train_batch: int, 
             jax.block_until_ready(metrics["loss"])
         return call
 
-    row["train_ms"] = _timed({k: stepper(k) for k in VARIANTS}, max(1, 2 * calls // (3 * train_batch)), blocks)
+    row["train_ms"] = medians_in_alternating_blocks({k: stepper(k) for k in VARIANTS},
+                                                    max(1, 2 * calls // (3 * train_batch)), blocks)
     row["nan_pixel_gives_nan_loss"] = nan_loss
     return row
 

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -29,6 +30,20 @@ VARIANTS = {
     "dots": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
     "none": "",
 }
+
+
+def medians_in_alternating_blocks(calls: dict[str, Callable[[], Any]], n: int, blocks: int) -> dict[str, float]:
+    """Medians (ms) of each callable's calls, `n` at a time, in `blocks` blocks whose order
+    alternates (the shared machine's load drifts; none of the variants always goes first)."""
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    order = list(calls.items())
+    for block in range(blocks):
+        for k, call in order if block % 2 == 0 else order[::-1]:
+            for _ in range(n):
+                t0 = time.perf_counter()
+                call()
+                times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def measure(arch: str, framework: str, batches: list[int], size: int, calls: int, blocks: int,
@@ -58,16 +73,8 @@ def measure(arch: str, framework: str, batches: list[int], size: int, calls: int
         x = jax.numpy.asarray(rng.standard_normal((b, 3, size, size)).astype(np.float32))
         outs = {k: np.asarray(p(x)) for k, p in predicts.items()}  # compiles each
         first = outs[variants[0]]
-        times: dict[str, list[float]] = {k: [] for k in predicts}
-        n = max(1, calls // b)
-        for block in range(blocks):
-            order = list(predicts.items())
-            for k, p in order if block % 2 == 0 else order[::-1]:
-                for _ in range(n):
-                    t0 = time.perf_counter()
-                    jax.block_until_ready(p(x))
-                    times[k].append(time.perf_counter() - t0)
-        row[f"batch{b}_ms"] = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        row[f"batch{b}_ms"] = medians_in_alternating_blocks(
+            {k: (lambda p=p: jax.block_until_ready(p(x))) for k, p in predicts.items()}, max(1, calls // b), blocks)
         row[f"batch{b}_rel_to_first"] = {k: float(np.abs(o - first).max() / np.abs(first).max())
                                          for k, o in outs.items()}
     return row
