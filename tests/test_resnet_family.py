@@ -190,8 +190,8 @@ def test_misrouted_tensor_fails_parity(key):
     down-scaled residual branches of a deep model: two swapped tensors move the logits by 100x
     the tolerance or more, while the true mapping passes. A running mean swapped into a variance
     is negative in places, and PyTorch's logits are then NaN; zoo's are NaN too, which counts as
-    moved (JAX's default CPU programs, and zoo's before the ninth session, gave finite logits
-    there: their YNNPACK fusions did not carry the NaN through)."""
+    moved (zoo's CPU programs before the ninth session, and JAX's default ones while ReLU was a
+    maximum, gave finite logits there: their YNNPACK fusions did not carry the NaN through)."""
     model, sd, good = _deep_reference()
     a, b = MISROUTED[key]
     assert sd[a].shape == sd[b].shape

@@ -9,7 +9,8 @@ is a GPU. YNNPACK's reductions are taken away too: a reduction fusion takes in t
 classifier's global pool, convolutions included (a ResNet-18 at batch 1, 224²: all of layer4),
 which then ran at half speed (ResNet-18 batch 1: 50-61 ms with them, 24-25 ms without; SE and ECA
 nets, whose attention pools are reductions, lose 5-9%; docs/benchmarks.md). And YNNPACK's
-reductions did not carry NaNs through: without them the logits are NaN where PyTorch's are.
+reductions did not carry NaNs through ReLU's maximum: without them the logits were NaN where
+PyTorch's are (`ops.relu` is now a select on a CPU, which carries them under either setting).
 
 Training steps keep JAX's default: the option was faster there too, but a different convolution
 algorithm rounds differently, and one of the seed-chosen fp32 training-parity tests then crossed a
