@@ -239,9 +239,9 @@ def test_equinox_predict_reads_kernels_without_copying_them(tmp_path, checkpoint
     """Equinox weights are OIHW (PyTorch's layout); XLA's CPU convolutions read HWIO, so a predict
     bound to the model as it is copied every kernel on every call (21 transposes in a ResNet-18,
     halving batch-1 speed for a ResNet-50; docs/benchmarks.md). On a CPU, zoo's predict binds the
-    convolution kernels stored HWIO and read in place (the 1x1 ones, dots there, as (I, O)
-    matrices: no transposed operand), and the classifier's as it is (bound as (in, out), it was
-    copied back at batch 1). At batch 1 and 2 the only relayout is the input's NCHW -> NHWC, as in
+    convolution kernels stored HWIO and read in place (those run as dots there, 1x1 ones and those
+    on maps narrower than the kernel, as (I, O) matrices: no transposed operand), and the
+    classifier's as it is (bound as (in, out), it was copied back at batch 1). At batch 1 and 2 the only relayout is the input's NCHW -> NHWC, as in
     Haiku's program. The logits are the model's own, and the model is left as it was."""
     import equinox as eqx
 
@@ -257,10 +257,11 @@ def test_equinox_predict_reads_kernels_without_copying_them(tmp_path, checkpoint
         hlo = predict.func.lower(*predict.args, x).compile().as_text()
         relayouts = re.findall(r"= (\S+) (?:transpose|copy)\(", hlo)
         assert relayouts and all(r.startswith(f"f32[{batch},61,80,3]") for r in relayouts), (batch, relayouts)
-        # The 1x1 convolutions' dots (the three downsamples), not the classifier's (1000 outputs).
+        # The convolutions' dots, not the classifier's (1000 outputs): the three 1x1 downsamples,
+        # and layer4's four 3x3 convolutions, whose 2x3 maps are narrower than their kernel (im2col).
         dots = re.findall(r"= f32\[([\d,]*)\]\S* dot\(.*?rhs_contracting_dims=\{(\d+)\}", hlo)
         convs = [dim for shape, dim in dots if "1000" not in shape.split(",")]
-        assert len(convs) == 3 and set(convs) == {"0"}, dots
+        assert len(convs) == 3 + 4 and set(convs) == {"0"}, dots
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 61, 80)), jnp.float32)
 
     eqx_model, state = model.objects

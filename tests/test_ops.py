@@ -99,6 +99,64 @@ def test_pointwise_conv_is_a_dot_with_torch_s_values_and_gradients(stride, dims)
     assert "convolution" in for_gpu and "dot_general" not in for_gpu
 
 
+@pytest.mark.parametrize("h,w,k,s,p,d", [
+    (2, 2, 3, 1, 1, 1),  # a ResNet's 3x3 at the last stages of a 32x32 input
+    (4, 4, 3, 2, 1, 1),  # strided: the 4x4 input is wide enough, its 2x2 output is not
+    (1, 5, 3, 1, 1, 1),  # non-square, narrow along one axis only
+    (4, 3, 5, 1, 2, 1),
+    (2, 5, 3, 1, 2, 2),  # dilated
+    (3, 3, 3, 1, 0, 1),  # no padding: a 1x1 output
+])
+@pytest.mark.parametrize("dims", [("NHWC", "HWIO", "NHWC"), ("NHWC", "OIHW", "NHWC")])
+def test_conv_on_maps_narrower_than_its_kernel_is_im2col_with_torch_s_values_and_gradients(h, w, k, s, p, d, dims):
+    """Where a map is narrower than the kernel (the input's, or the output's, which the input
+    gradient convolves), XLA:CPU's convolutions run 10-40x slower than im2col and a dot product
+    (docs/benchmarks.md), so on a CPU such convolutions are that: the forward and both gradients
+    match PyTorch's conv2d, in both kernel layouts, and the program lowered for the CPU has no
+    convolution left. Lowered for a GPU they stay convolutions."""
+    x = torch.randn(3, 6, h, w, requires_grad=True)
+    wt = torch.randn(5, 6, k, k, requires_grad=True)
+    b = torch.randn(5)
+    y = F.conv2d(x, wt, b, stride=s, padding=p, dilation=d)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    w_layout = wt.detach().numpy().transpose(2, 3, 1, 0) if dims[1] == "HWIO" else wt.detach().numpy()
+
+    def f(x, w):
+        return ops.conv2d(x, w, jnp.asarray(b.numpy()), stride=s, padding=p, dilation=d, groups=1,
+                          dimension_numbers=dims)
+
+    xj, wj = _nhwc(x.detach()), jnp.asarray(w_layout)
+    with jax.default_matmul_precision("highest"):
+        out, vjp = jax.vjp(jax.jit(f), xj, wj)
+        dx, dw = vjp(jnp.asarray(dy.numpy().transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(np.asarray(out), y.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx), x.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+    dw_ref = wt.grad.numpy().transpose(2, 3, 1, 0) if dims[1] == "HWIO" else wt.grad.numpy()
+    np.testing.assert_allclose(np.asarray(dw), dw_ref, rtol=1e-5, atol=1e-4)
+    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), argnums=(0, 1)))
+    assert "convolution" not in grad.lower(xj, wj).as_text()
+    for_gpu = jax.export.export(grad, platforms=["cuda"])(xj, wj).mlir_module()
+    assert "convolution" in for_gpu and "dot_general" not in for_gpu
+
+
+def test_conv_on_maps_as_wide_as_its_kernel_stays_a_convolution():
+    """The other side of the rule: from maps as wide as the kernel up, XLA:CPU's convolutions were
+    as fast or faster than im2col (3x3 on 3x3 maps level, on 7x7 and larger faster), so they stay;
+    grouped convolutions too (not slow on narrow maps)."""
+    assert ops.runs_as_im2col((3, 3), (2, 2), (2, 2), 1)
+    assert ops.runs_as_im2col((3, 3), (4, 4), (2, 2), 1)
+    assert ops.runs_as_im2col((3, 3), (9, 2), (9, 2), 1)
+    assert not ops.runs_as_im2col((3, 3), (3, 3), (3, 3), 1)
+    assert not ops.runs_as_im2col((3, 3), (7, 7), (7, 7), 1)
+    assert not ops.runs_as_im2col((3, 3), (2, 2), (2, 2), 32)
+    assert not ops.runs_as_im2col((1, 1), (1, 1), (1, 1), 1)  # a dot product anyway (`runs_as_dot`)
+    x, w = jnp.ones((2, 3, 3, 4)), jnp.ones((3, 3, 4, 5))
+    conv = jax.jit(lambda x, w: ops.conv2d(x, w, None, stride=1, padding=1, dilation=1, groups=1,
+                                           dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    assert "convolution" in conv.lower(x, w).as_text()
+
+
 @pytest.mark.parametrize("platform", ["cpu", None])
 def test_relu_carries_nans_through_reductions_with_torch_s_gradient(platform):
     """jaxlib's CPU backend fuses reductions, with the elementwise work feeding them, into YNNPACK

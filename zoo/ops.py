@@ -22,9 +22,10 @@ from .spec import PoolSpec
 
 SPATIAL = (1, 2)
 
-# Where 1x1 convolutions run as dot products (`conv2d`): "cpu" (compiled for a CPU), "all" or
-# "none". A switch for measuring that lever against XLA's convolutions (benchmarks/profile_gpu.py,
-# or ZOO_CONV_AS_DOT in a process's environment), read when a function is traced.
+# Where convolutions run as dot products (`conv2d`: 1x1 ones, and those on maps smaller than their
+# kernel): "cpu" (compiled for a CPU), "all" or "none". A switch for measuring that lever against
+# XLA's convolutions (benchmarks/profile_gpu.py, or ZOO_CONV_AS_DOT in a process's environment),
+# read when a function is traced.
 _CONV_AS_DOT = os.environ.get("ZOO_CONV_AS_DOT", "cpu")
 
 # The platform a function being traced will run on, where the caller knows it (zoo's own jitted
@@ -151,6 +152,50 @@ def runs_as_dot(kernel: tuple[int, int], padding: int, groups: int) -> bool:
     return _CONV_AS_DOT != "none" and tuple(kernel) == (1, 1) and padding == 0 and groups == 1
 
 
+def runs_as_im2col(kernel: tuple[int, int], in_hw: tuple[int, int], out_hw: tuple[int, int], groups: int) -> bool:
+    """Whether `conv2d`, compiled for a CPU, computes this convolution (channels-last input) as
+    im2col and one dot product: a kernel wider than 1x1, one group, and an input or output map
+    narrower than the kernel along an axis (the input gradient convolves the output's map)."""
+    return (_CONV_AS_DOT != "none" and groups == 1 and max(kernel) > 1
+            and any(n < k for n, k in zip((*in_hw, *out_hw), (*kernel, *kernel))))
+
+
+def _im2col_dot(x: Array, w: Array, stride: int, padding: int, dilation: int,
+                dimension_numbers: tuple[str, str, str]) -> Array:
+    # The kh*kw shifted (strided, dilated) views of the zero-padded input, side by side on the
+    # channel axis, times the kernel as one matrix: the convolution's sums, in another order.
+    lhs, rhs, _ = dimension_numbers
+    ha, wa = lhs.index("H"), lhs.index("W")
+    kh, kw = w.shape[rhs.index("H")], w.shape[rhs.index("W")]
+    pads = [(0, 0, 0)] * x.ndim
+    pads[ha] = pads[wa] = (padding, padding, 0)
+    xp = jax.lax.pad(x, jnp.array(0, x.dtype), pads)
+    ho = (x.shape[ha] + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
+    wo = (x.shape[wa] + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            start, limit, strides = [0] * x.ndim, list(xp.shape), [1] * x.ndim
+            start[ha], limit[ha], strides[ha] = i * dilation, i * dilation + stride * (ho - 1) + 1, stride
+            start[wa], limit[wa], strides[wa] = j * dilation, j * dilation + stride * (wo - 1) + 1, stride
+            taps.append(jax.lax.slice(xp, start, limit, strides))
+    c = x.ndim - 1
+    if rhs == "HWIO":
+        # The kernel's rows run (h, w, i), as the taps concatenated on the channel axis do.
+        patches = jax.lax.concatenate(taps, c)
+        w2, w_axis = w.reshape(-1, w.shape[3]), 0
+    else:
+        # OIHW (Equinox's; any other layout is made so): the kernel as (O, I*kh*kw), read in
+        # place (a kernel copy in every call cost Equinox's train step ~20% for 1x1 kernels), and
+        # the taps stacked after the channels to match.
+        if rhs != "OIHW":
+            w = jax.lax.transpose(w, [rhs.index(d) for d in "OIHW"])
+        patches = jax.lax.concatenate([jax.lax.expand_dims(t, (c + 1,)) for t in taps], c + 1)
+        patches = patches.reshape(*patches.shape[:c], -1)
+        w2, w_axis = w.reshape(w.shape[0], -1), 1
+    return jax.lax.dot_general(patches, w2, (((c,), (w_axis,)), ((), ())))
+
+
 def _pointwise_dot(x: Array, w: Array, stride: int, dimension_numbers: tuple[str, str, str]) -> Array:
     # A 1x1 convolution is a matrix product over channels; stride = taking every s-th pixel.
     lhs, rhs, _ = dimension_numbers
@@ -164,6 +209,12 @@ def _pointwise_dot(x: Array, w: Array, stride: int, dimension_numbers: tuple[str
     i_first = rhs.index("I") < rhs.index("O")
     w2 = w.reshape([w.shape[rhs.index(d)] for d in ("IO" if i_first else "OI")])
     return jax.lax.dot_general(x, w2, (((x.ndim - 1,), (0 if i_first else 1,)), ((), ())))
+
+
+def _conv_out_hw(shape: Sequence[int], lhs: str, kernel: tuple[int, int], stride: int, padding: int,
+                 dilation: int) -> tuple[int, int]:
+    return tuple((shape[lhs.index(d)] + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+                 for d, k in zip("HW", kernel))
 
 
 def conv2d(x: Array, w: Array, b: Optional[Array], *, stride: int, padding: int, dilation: int,
@@ -191,6 +242,18 @@ def conv2d(x: Array, w: Array, b: Optional[Array], *, stride: int, padding: int,
             return _pointwise_dot(x, w, stride, dimension_numbers)
 
         y = dot(x, w) if _CONV_AS_DOT == "all" else _by_platform(dot, conv, x, w)
+    elif (lhs == out and lhs[-1] == "C"
+          and runs_as_im2col(kernel, (x.shape[lhs.index("H")], x.shape[lhs.index("W")]),
+                             _conv_out_hw(x.shape, lhs, kernel, stride, padding, dilation), groups)):
+        # XLA:CPU's convolutions run 10-40x slower, forward and input gradient alike, where a map
+        # is narrower than the kernel (a 3x3 convolution on 2x2 maps: a ResNet's last stages at a
+        # 32x32 input, CIFAR's size); as im2col and a dot product they run at oneDNN's speed
+        # (docs/benchmarks.md). Larger maps keep the convolution, which is faster there. On a GPU
+        # cuDNN's stays (`_by_platform`). The same values up to rounding.
+        def im2col(x: Array, w: Array) -> Array:
+            return _im2col_dot(x, w, stride, padding, dilation, dimension_numbers)
+
+        y = im2col(x, w) if _CONV_AS_DOT == "all" else _by_platform(im2col, conv, x, w)
     else:
         y = conv(x, w)
     if b is not None:
