@@ -1,8 +1,8 @@
 """Where a training step loses to PyTorch on a CPU: a ResNet-50's convolutions one at a time,
 forward, input gradient and weight gradient, in XLA (JAX's default convolutions; zoo's inference
 setting, XLA's own emitter instead of YNNPACK; and zoo's `ops.conv2d` under JAX's default options,
-which runs 1x1 convolutions as dot products) and in PyTorch channels_last (oneDNN), on the same
-arrays. Prints a table and writes JSON.
+which runs 1x1 convolutions as dot products, and those on maps narrower than their kernel as im2col
+and a dot product) and in PyTorch channels_last (oneDNN), on the same arrays. Prints a table and writes JSON.
 
     python benchmarks/bench_cpu_conv_grads.py --batch 8 --size 112 --repeats 7
 
@@ -14,6 +14,11 @@ input or the kernel (the forward is dead code and removed), PyTorch runs
 batch statistics) and ReLU after it, forward and backward together, zoo's ops (`zoo.ops`) against
 PyTorch's `batch_norm` + `relu` under autograd. "step" sums each column over the layers, weighted
 by how often the network repeats each: their share of a train step.
+
+"im2col" is every convolution as an explicit im2col and one dot product (`bench_cpu_layers.
+im2col_conv2d`; a 1x1 one is the dot zoo runs), compiled with JAX's default options as training is:
+the GEMM route that made zoo's 1x1 convolutions faster, measured for the wider ones at every map
+size (zoo takes it only where a map is narrower than the kernel: `zoo.ops.runs_as_im2col`).
 """
 
 from __future__ import annotations
@@ -71,11 +76,12 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from bench_cpu_layers import im2col_conv2d
     from zoo import ops
     from zoo._xla import _CPU_CONV as XLA_OWN  # zoo's CPU inference setting
 
     rng = np.random.default_rng(0)
-    impls = ["XLA default", "XLA own emitter", "zoo", "PyTorch cl"]
+    impls = ["XLA default", "XLA own emitter", "zoo", "im2col", "PyTorch cl"]
     rows = []
     for name, cin, cout, k, stride, div, reps in LAYERS:
         h = -(-args.size // div)  # the stages round up (stride-2 convolutions with padding)
@@ -92,10 +98,17 @@ def main() -> None:
             return ops.conv2d(x, w, None, stride=stride, padding=pad, dilation=1, groups=1,
                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
+        def im2col(x, w, stride=stride, pad=pad):
+            return im2col_conv2d(x, w, stride, pad)
+
         xj, wj = jnp.asarray(x), jnp.asarray(w)
+        err = float(jnp.max(jnp.abs(jax.jit(im2col)(xj, wj) - jax.jit(conv)(xj, wj))))
+        if err > 1e-4 * float(jnp.max(jnp.abs(jax.jit(conv)(xj, wj)))):
+            raise AssertionError(f"{name}: im2col and the convolution differ ({err:.1e})")
         dy = jnp.asarray(rng.standard_normal(jax.eval_shape(conv, xj, wj).shape).astype(np.float32))
         row = {"layer": name, "repeats_in_net": reps, "ms": {}}
-        for impl, c, opts in (("XLA default", conv, {}), ("XLA own emitter", conv, XLA_OWN), ("zoo", zoo_conv, {})):
+        for impl, c, opts in (("XLA default", conv, {}), ("XLA own emitter", conv, XLA_OWN), ("zoo", zoo_conv, {}),
+                             ("im2col", im2col, {})):
             fns = {
                 "forward": lambda x, w, dy, c=c: c(x, w),
                 "input grad": lambda x, w, dy, c=c: jax.vjp(lambda x: c(x, w), x)[1](dy)[0],
@@ -157,15 +170,16 @@ def main() -> None:
 
     print(f"\nbatch {args.batch}, {args.size}x{args.size} input, float32, medians of {args.repeats} (ms); "
           "x: PyTorch channels_last time / XLA time")
-    print("| layer | " + " | ".join(f"{p}: XLA default / own emitter / zoo / PyTorch cl" for p in parts)
+    print("| layer | " + " | ".join(f"{p}: XLA default / own emitter / zoo / im2col / PyTorch cl" for p in parts)
           + " | BatchNorm+ReLU train, fwd+bwd: XLA / PyTorch cl |")
     print("|---|" + "---:|" * (len(parts) + 1))
     total_row = {"layer": "step (weighted sum)", "ms": {f"{i} / {p}": v for i in totals for p, v in totals[i].items()}}
     for r in rows + [total_row]:
         cells = []
         for p in parts:
-            d, o, z, t = (r["ms"][f"{i} / {p}"] for i in impls)
-            cells.append(f"{d:.1f} ({t / d:.2f}×) / {o:.1f} ({t / o:.2f}×) / {z:.1f} ({t / z:.2f}×) / {t:.1f}")
+            d, o, z, c, t = (r["ms"][f"{i} / {p}"] for i in impls)
+            cells.append(f"{d:.1f} ({t / d:.2f}×) / {o:.1f} ({t / o:.2f}×) / {z:.1f} ({t / z:.2f}×) / "
+                         f"{c:.1f} ({t / c:.2f}×) / {t:.1f}")
         d, t = r["ms"]["XLA default / bn+relu"], r["ms"]["PyTorch cl / bn+relu"]
         cells.append(f"{d:.1f} ({t / d:.2f}×) / {t:.1f}")
         print(f"| {r['layer']} | " + " | ".join(cells) + " |")

@@ -13,6 +13,10 @@ default options; PyTorch runs `F.conv2d` / `F.max_pool2d` on channels_last tenso
 `inference_mode`. The whole model: `zoo.load(...).predict` (Haiku) against the PyTorch model in
 channels_last, timed in alternating blocks. "rest" = whole model minus its convolutions and max
 pools: BatchNorm, ReLU, concatenation, the head and what overlaps.
+
+Each convolution wider than 1x1 (one group, no dilation) is also timed as an explicit im2col and
+one dot product (`im2col_conv2d`, compiled with zoo's options): the GEMM route that XLA:CPU runs
+1x1 convolutions on, measured here as a lever for the rest.
 """
 
 from __future__ import annotations
@@ -60,6 +64,23 @@ def model_layers(model: Any, batch: int, size: int) -> list[dict[str, Any]]:
     return list(seen.values())
 
 
+def im2col_conv2d(x: Any, w: Any, stride: int, padding: int) -> Any:
+    """An NHWC convolution with an HWIO kernel as im2col + one dot product: the k*k shifted (and
+    strided) views of the padded input stacked on the channel axis, in the kernel's (H, W, I)
+    order, times the kernel as a (k*k*I, O) matrix. Same values as the convolution up to rounding."""
+    import jax
+    import jax.numpy as jnp
+
+    kh, kw, cin, cout = w.shape
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    ho = (x.shape[1] + 2 * padding - kh) // stride + 1
+    wo = (x.shape[2] + 2 * padding - kw) // stride + 1
+    cols = [xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
+            for i in range(kh) for j in range(kw)]
+    patches = jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]
+    return jax.lax.dot_general(patches, w.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())))
+
+
 def _pair(v: Any) -> int:
     v = v if isinstance(v, (tuple, list)) else (v, v)
     if v[0] != v[1] or isinstance(v[0], str):
@@ -96,6 +117,13 @@ def time_layer(layer: dict[str, Any], repeats: int, rng: Any) -> dict[str, Any]:
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
         args = (xj, jnp.asarray(wk), None if b is None else jnp.asarray(b))
+        alternatives = {}
+        if k > 1 and g == 1 and d == 1:
+            def as_im2col(x: Any, wk: Any, b: Any) -> Any:
+                y = im2col_conv2d(x, wk, s, p)
+                return y if b is None else y + b
+
+            alternatives["im2col"] = as_im2col
         tw = torch.from_numpy(wk.transpose(3, 2, 0, 1).copy()).contiguous(memory_format=torch.channels_last)
         tb = None if b is None else torch.from_numpy(b)
 
@@ -111,6 +139,7 @@ def time_layer(layer: dict[str, Any], repeats: int, rng: Any) -> dict[str, Any]:
             return ops.max_pool(x, spec)
 
         args = (xj,)
+        alternatives = {}
 
         def torch_call() -> Any:
             with torch.inference_mode():
@@ -120,13 +149,17 @@ def time_layer(layer: dict[str, Any], repeats: int, rng: Any) -> dict[str, Any]:
     for impl, opts in (("zoo", jit_options()), ("JAX default", {})):
         jf = jax.jit(f, **opts)
         ms[impl] = med_ms(lambda: jax.block_until_ready(jf(*args)), repeats)
+    for impl, alt in alternatives.items():
+        jf = jax.jit(alt, **jit_options())
+        ms[impl] = med_ms(lambda: jax.block_until_ready(jf(*args)), repeats)
     ms["PyTorch cl"] = med_ms(torch_call, repeats)
     # The two sides compute the same thing: a wrong layer would make the comparison meaningless.
     ref = torch_call().permute(0, 2, 3, 1).numpy()
-    got = np.asarray(jax.jit(f)(*args))
-    err = float(np.max(np.abs(got - ref)) / (np.max(np.abs(ref)) + 1e-12))
-    if err > 1e-4:
-        raise AssertionError(f"{layer['name']}: XLA and PyTorch differ (relative {err:.1e})")
+    for impl, fn in (("XLA", f), *alternatives.items()):
+        got = np.asarray(jax.jit(fn)(*args))
+        err = float(np.max(np.abs(got - ref)) / (np.max(np.abs(ref)) + 1e-12))
+        if err > 1e-4:
+            raise AssertionError(f"{layer['name']}: {impl} and PyTorch differ (relative {err:.1e})")
     return {"name": layer["name"], "kind": kind, "count": layer["count"], "ms": ms}
 
 
@@ -185,22 +218,29 @@ def main() -> None:
         impls = ["zoo", "JAX default", "PyTorch cl"]
         totals = {kind: {i: sum(r["count"] * r["ms"][i] for r in rows if r["kind"] == kind) for i in impls}
                   for kind in ("conv", "max_pool")}
+        wide = [r for r in rows if "im2col" in r["ms"]]
+        totals["conv wider than 1x1"] = {i: sum(r["count"] * r["ms"][i] for r in wide) for i in impls + ["im2col"]}
         results.append({"arch": arch, "layers": rows, "totals_ms": totals, "model_ms": whole})
         print(f"\n{arch}, batch {args.batch}, {args.size}x{args.size}, float32, medians of {args.repeats} (ms); "
               "x: PyTorch channels_last / XLA")
-        print("| layer | count | zoo's setting | JAX's default | PyTorch cl |")
-        print("|---|---:|---:|---:|---:|")
+        print("| layer | count | zoo's setting | JAX's default | im2col + dot | PyTorch cl |")
+        print("|---|---:|---:|---:|---:|---:|")
+
+        def cell(v: Any, t: float, digits: int) -> str:
+            return "–" if v is None else f"{v:.{digits}f} ({t / v:.2f}×)"
+
         for r in rows:
-            z, j, t = (r["ms"][i] for i in impls)
-            print(f"| {r['name']} | {r['count']} | {z:.2f} ({t / z:.2f}×) | {j:.2f} ({t / j:.2f}×) | {t:.2f} |")
-        for kind, label in (("conv", "all convolutions"), ("max_pool", "all max pools")):
-            z, j, t = (totals[kind][i] for i in impls)
-            print(f"| **{label}** (weighted) | | {z:.1f} ({t / z:.2f}×) | {j:.1f} ({t / j:.2f}×) | {t:.1f} |")
+            z, j, c, t = (r["ms"].get(i) for i in impls[:2] + ["im2col", impls[2]])
+            print(f"| {r['name']} | {r['count']} | {cell(z, t, 2)} | {cell(j, t, 2)} | {cell(c, t, 2)} | {t:.2f} |")
+        for kind, label in (("conv", "all convolutions"), ("conv wider than 1x1", "convolutions wider than 1x1"),
+                            ("max_pool", "all max pools")):
+            z, j, c, t = (totals[kind].get(i) for i in impls[:2] + ["im2col", impls[2]])
+            print(f"| **{label}** (weighted) | | {cell(z, t, 1)} | {cell(j, t, 1)} | {cell(c, t, 1)} | {t:.1f} |")
         zm, tm = whole["zoo Haiku"], whole["PyTorch cl"]
         zl = totals["conv"]["zoo"] + totals["max_pool"]["zoo"]
         tl = totals["conv"]["PyTorch cl"] + totals["max_pool"]["PyTorch cl"]
-        print(f"| **whole model** (zoo Haiku predict) | | {zm:.1f} ({tm / zm:.2f}×) | | {tm:.1f} |")
-        print(f"| rest (model - convolutions - max pools) | | {zm - zl:.1f} | | {tm - tl:.1f} |", flush=True)
+        print(f"| **whole model** (zoo Haiku predict) | | {zm:.1f} ({tm / zm:.2f}×) | | | {tm:.1f} |")
+        print(f"| rest (model - convolutions - max pools) | | {zm - zl:.1f} | | | {tm - tl:.1f} |", flush=True)
 
     result = {"config": vars(args), "platform": platform.platform(), "cpu_count": os.cpu_count(),
               "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),

@@ -198,7 +198,11 @@ def test_layer_benchmark_times_every_layer_of_the_model(tmp_path):
     names = [r["name"] for r in res["layers"]]
     assert len(names) == len(set(names)) and names[0] == "conv 3x3/2 3>16 @33x33"  # the stem, first
     for r in res["layers"]:
-        assert all(v > 0 for v in r["ms"].values()) and set(r["ms"]) == {"zoo", "JAX default", "PyTorch cl"}
+        # Convolutions wider than 1x1 are timed as im2col + dot too (test_resnet: no groups).
+        wide = r["kind"] == "conv" and not r["name"].startswith("conv 1x1")
+        assert set(r["ms"]) == {"zoo", "JAX default", "PyTorch cl"} | ({"im2col"} if wide else set())
+        assert all(v > 0 for v in r["ms"].values())
+    assert res["totals_ms"]["conv wider than 1x1"]["im2col"] > 0
     assert res["model_ms"]["zoo Haiku"] > 0 and res["model_ms"]["PyTorch cl"] > 0
 
     # The check that makes the comparison meaningful: a layer computed differently fails the run.
@@ -212,10 +216,17 @@ def test_layer_benchmark_times_every_layer_of_the_model(tmp_path):
     wrong = torch.nn.functional.conv2d
     try:
         torch.nn.functional.conv2d = lambda x, w, b=None, **kw: wrong(x, w, b, **kw) + 1
-        with pytest.raises(AssertionError, match="differ"):
+        with pytest.raises(AssertionError, match="XLA and PyTorch differ"):
             bench.time_layer(dict(layer), 1, np.random.default_rng(0))
     finally:
         torch.nn.functional.conv2d = wrong
+    im2col = bench.im2col_conv2d
+    try:
+        bench.im2col_conv2d = lambda x, w, stride, padding: im2col(x, w, stride, padding)[:, ::-1]
+        with pytest.raises(AssertionError, match="im2col and PyTorch differ"):
+            bench.time_layer(dict(layer), 1, np.random.default_rng(0))
+    finally:
+        bench.im2col_conv2d = im2col
 
 
 def test_ynn_option_benchmark_times_each_variant_on_the_same_logits(tmp_path):
@@ -255,3 +266,42 @@ def test_relu_form_benchmark_times_both_forms_and_checks_the_nan_loss(tmp_path):
             assert set(r[key]) == {"maximum", "select"} and all(v > 0 for v in r[key].values())
         assert r["predict_max_abs_diff"] == 0
         assert r["nan_pixel_gives_nan_loss"]["select"] is True
+
+
+def test_narrow_conv_benchmark_times_each_form_and_records_the_rule(tmp_path, monkeypatch):
+    """benchmarks/bench_cpu_narrow_convs.py: each case timed as XLA's convolution (two option
+    sets), as zoo's im2col (one group only) and in PyTorch, each XLA form checked against
+    PyTorch's values first, and beside it what `ops.runs_as_im2col` decides."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.syspath_prepend(os.path.join(root, "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_cpu_narrow_convs",
+                                                  os.path.join(root, "benchmarks", "bench_cpu_narrow_convs.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "CASES", [(2, 2, 2, 4, 4, 3, 1, 1, 1), (2, 5, 6, 4, 6, 3, 2, 1, 1),
+                                         (2, 2, 2, 4, 4, 3, 1, 1, 2)])
+    out = tmp_path / "narrow.json"
+    monkeypatch.setattr(sys, "argv", ["bench", "--repeats", "1", "--out", str(out)])
+    bench.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["rule"] for r in rows] == [True, False, False]
+    assert rows[1]["case"] == "3x3/2 4>6 @5x6->3x3, batch 2"
+    forms = ["conv, JAX default", "conv, zoo inference", "im2col", "PyTorch cl"]
+    for r, expected in zip(rows, (forms, forms, [f for f in forms if f != "im2col"])):
+        assert set(r["ms"]) == {f"{f} / {part}" for f in expected for part in ("forward", "input grad")}
+        assert all(v > 0 for v in r["ms"].values())
+
+    import jax
+
+    from zoo import ops
+
+    def wrong(x, w, stride, padding, dilation, dims):  # the convolution, off by one
+        return jax.lax.conv_general_dilated(x, w, (stride,) * 2, ((padding, padding),) * 2,
+                                            rhs_dilation=(dilation,) * 2, dimension_numbers=dims) + 1
+
+    monkeypatch.setattr(ops, "_im2col_dot", wrong)
+    monkeypatch.setattr(bench, "CASES", [(2, 2, 2, 4, 4, 3, 1, 1, 1)])
+    with pytest.raises(AssertionError, match="im2col and PyTorch differ"):
+        bench.main()
