@@ -72,22 +72,25 @@ def test_pointwise_conv_is_a_dot_with_torch_s_values_and_gradients(stride, dims)
     PyTorch's conv2d, with stride (every s-th pixel) and odd sizes, and the program lowered for the
     CPU has no convolution left. Lowered for a GPU, they stay convolutions (cuDNN's were as fast or
     faster there)."""
-    x = torch.randn(2, 16, 15, 22, requires_grad=True)
-    w = torch.randn(24, 16, 1, 1, requires_grad=True)
-    b = torch.randn(24)
-    y = F.conv2d(x, w, b, stride=stride)
+    _check_dot_on_cpu_conv_on_gpu(torch.randn(2, 16, 15, 22), torch.randn(24, 16, 1, 1), stride, 0, 1, dims)
+
+
+def _check_dot_on_cpu_conv_on_gpu(x, w, stride, padding, dilation, dims):
+    """`ops.conv2d`'s forward and both gradients against PyTorch's conv2d (kernel stored as `dims`
+    says), and its CPU program without a convolution, its CUDA program without a dot product."""
+    x, w, b = x.requires_grad_(True), w.requires_grad_(True), torch.randn(w.shape[0])
+    y = F.conv2d(x, w, b, stride=stride, padding=padding, dilation=dilation)
     dy = torch.randn_like(y)
     y.backward(dy)
-
     w_layout = w.detach().numpy().transpose(2, 3, 1, 0) if dims[1] == "HWIO" else w.detach().numpy()
 
     def f(x, w):
-        return ops.conv2d(x, w, jnp.asarray(b.numpy()), stride=stride, padding=0, dilation=1, groups=1,
-                          dimension_numbers=dims)
+        return ops.conv2d(x, w, jnp.asarray(b.numpy()), stride=stride, padding=padding, dilation=dilation,
+                          groups=1, dimension_numbers=dims)
 
     xj, wj = _nhwc(x.detach()), jnp.asarray(w_layout)
     with jax.default_matmul_precision("highest"):
-        out, vjp = jax.vjp(f, xj, wj)
+        out, vjp = jax.vjp(jax.jit(f), xj, wj)
         dx, dw = vjp(jnp.asarray(dy.numpy().transpose(0, 2, 3, 1)))
     np.testing.assert_allclose(np.asarray(out), y.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(dx), x.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
@@ -114,30 +117,7 @@ def test_conv_on_maps_narrower_than_its_kernel_is_im2col_with_torch_s_values_and
     (docs/benchmarks.md), so on a CPU such convolutions are that: the forward and both gradients
     match PyTorch's conv2d, in both kernel layouts, and the program lowered for the CPU has no
     convolution left. Lowered for a GPU they stay convolutions."""
-    x = torch.randn(3, 6, h, w, requires_grad=True)
-    wt = torch.randn(5, 6, k, k, requires_grad=True)
-    b = torch.randn(5)
-    y = F.conv2d(x, wt, b, stride=s, padding=p, dilation=d)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    w_layout = wt.detach().numpy().transpose(2, 3, 1, 0) if dims[1] == "HWIO" else wt.detach().numpy()
-
-    def f(x, w):
-        return ops.conv2d(x, w, jnp.asarray(b.numpy()), stride=s, padding=p, dilation=d, groups=1,
-                          dimension_numbers=dims)
-
-    xj, wj = _nhwc(x.detach()), jnp.asarray(w_layout)
-    with jax.default_matmul_precision("highest"):
-        out, vjp = jax.vjp(jax.jit(f), xj, wj)
-        dx, dw = vjp(jnp.asarray(dy.numpy().transpose(0, 2, 3, 1)))
-    np.testing.assert_allclose(np.asarray(out), y.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(dx), x.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
-    dw_ref = wt.grad.numpy().transpose(2, 3, 1, 0) if dims[1] == "HWIO" else wt.grad.numpy()
-    np.testing.assert_allclose(np.asarray(dw), dw_ref, rtol=1e-5, atol=1e-4)
-    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), argnums=(0, 1)))
-    assert "convolution" not in grad.lower(xj, wj).as_text()
-    for_gpu = jax.export.export(grad, platforms=["cuda"])(xj, wj).mlir_module()
-    assert "convolution" in for_gpu and "dot_general" not in for_gpu
+    _check_dot_on_cpu_conv_on_gpu(torch.randn(3, 6, h, w), torch.randn(5, 6, k, k), s, p, d, dims)
 
 
 def test_conv_on_maps_as_wide_as_its_kernel_stays_a_convolution():
