@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import itertools
 import math
 import os
 from typing import Callable, Optional, Sequence, Union
@@ -113,11 +114,41 @@ def _init_value(value: float, dtype) -> np.ndarray:
     return np.array(value, dtype=dtype)
 
 
-def max_pool(x: Array, p: PoolSpec, axes: Sequence[int] = SPATIAL) -> Array:
+def _max_pool_window(x: Array, p: PoolSpec, axes: Sequence[int]) -> Array:
     # -inf padding: PyTorch never lets padding win a max, even for all-negative inputs.
     pads = _pool_pads(x.shape, p, axes)
     return jax.lax.reduce_window(x, _init_value(-np.inf, x.dtype), jax.lax.max, _window(x.ndim, axes, p.kernel),
                                  _window(x.ndim, axes, p.stride), pads)
+
+
+def _max_pool_scan(x: Array, p: PoolSpec, axes: Sequence[int]) -> Array:
+    # PyTorch's kernel scans each window row by row and keeps a value greater than the maximum so
+    # far, or a NaN; the same chain of selects over the window's strided views gives its values,
+    # and, differentiated, its gradient: all of it to the first maximum (ties included, as after a
+    # ReLU), with no select-and-scatter.
+    xp = jax.lax.pad(x, jnp.array(-np.inf, x.dtype), [(lo, hi, 0) for lo, hi in _pool_pads(x.shape, p, axes)])
+    out = {a: pool_output_size(x.shape[a], p.kernel, p.stride, p.padding, p.ceil_mode) for a in axes}
+    best = None
+    for offsets in itertools.product(range(p.kernel), repeat=len(axes)):
+        start, limit, strides = [0] * x.ndim, list(xp.shape), [1] * x.ndim
+        for a, o in zip(axes, offsets):
+            start[a], limit[a], strides[a] = o, o + p.stride * (out[a] - 1) + 1, p.stride
+        tap = jax.lax.slice(xp, start, limit, strides)
+        if best is None:
+            best = tap
+        else:
+            keep = jax.lax.bitwise_or(jax.lax.gt(tap, best), jax.lax.ne(tap, tap))
+            best = jax.lax.select(keep, tap, best)
+    return best
+
+
+def max_pool(x: Array, p: PoolSpec, axes: Sequence[int] = SPATIAL) -> Array:
+    """PyTorch's max pooling. Compiled for a CPU, a chain of selects over the window's views:
+    XLA:CPU's gradient of `reduce_window` (a select-and-scatter) took 25x PyTorch's time (GoogLeNet's
+    pools at batch 8, 224x224: 608 against 24 ms; docs/benchmarks.md). Elsewhere `reduce_window`
+    (`_by_platform`)."""
+    return _by_platform(functools.partial(_max_pool_scan, p=p, axes=tuple(axes)),
+                        functools.partial(_max_pool_window, p=p, axes=tuple(axes)), x)
 
 
 def avg_pool(x: Array, p: PoolSpec, axes: Sequence[int] = SPATIAL) -> Array:
