@@ -170,8 +170,7 @@ def _im2col_dot(x: Array, w: Array, stride: int, padding: int, dilation: int,
     pads = [(0, 0, 0)] * x.ndim
     pads[ha] = pads[wa] = (padding, padding, 0)
     xp = jax.lax.pad(x, jnp.array(0, x.dtype), pads)
-    ho = (x.shape[ha] + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
-    wo = (x.shape[wa] + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
+    ho, wo = _conv_out_hw(x.shape, lhs, (kh, kw), stride, padding, dilation)
     taps = []
     for i in range(kh):
         for j in range(kw):
