@@ -225,7 +225,12 @@ def test_fine_tuned_model_exports_to_pytorch(files, arch):
 def test_feature_extractor_trains_like_pytorch(framework):
     """A features_only model in training mode: its gradients (of a loss on every feature map,
     through `to_torch`, name by name) and its updated BatchNorm statistics equal PyTorch's
-    FeatureListNet's, computed in float64."""
+    FeatureListNet's, computed in float64: each tensor within max(1e-3, 2x PyTorch fp32's own
+    distance), test_training's criterion. PyTorch's fp32 run is the bar because one of
+    layer1.0.bn2's outputs lies within fp32 rounding of zero, so which side of its ReLU it falls
+    on is rounding's choice: PyTorch fp32 puts it on the other side from float64, and its
+    layer1.0 gradients are 1.4e-3-2.4e-3 off (float64's are exact); zoo matched float64 or fp32
+    as its reductions' order fell (YNNPACK's reductions, a max pool's form)."""
     arch = "ecaresnet26t"
     surgery = dict(features_only=True, out_indices=(0, 2))  # the truncated network: layer1-2
     converted = convert_state_dict(arch, checkpoint(arch), framework, overrides={**MODELS[arch], **surgery})
@@ -251,19 +256,24 @@ def test_feature_extractor_trains_like_pytorch(framework):
 
         (value, new_state), grads = loss(model, state)
         got = zoo.equinox.to_torch(grads, new_state)
-    reference = torch_model(arch, **MODELS[arch], **surgery).double().train()
-    reference.load_state_dict({k: torch.from_numpy(np.array(v, np.float64)) for k, v in
-                               reference_state_dict(checkpoint(arch), _full_plan(arch), converted.loaded).items()},
-                              strict=False)
-    feats = reference(torch.from_numpy(x.astype(np.float64)))
-    sum((f ** 2).mean() for f in feats).backward()
-    want = {**{k: p.grad.numpy() for k, p in reference.named_parameters()},
-            **{k: v.numpy() for k, v in reference.state_dict().items() if "running" in k}}
+    weights = reference_state_dict(checkpoint(arch), _full_plan(arch), converted.loaded)
+
+    def torch_run(dtype):
+        reference = torch_model(arch, **MODELS[arch], **surgery).to(dtype).train()
+        reference.load_state_dict({k: torch.from_numpy(np.array(v, np.float64)).to(dtype) for k, v in weights.items()},
+                                  strict=False)
+        feats = reference(torch.from_numpy(x).to(dtype))
+        sum((f ** 2).mean() for f in feats).backward()
+        return {**{k: p.grad.double().numpy() for k, p in reference.named_parameters()},
+                **{k: v.double().numpy() for k, v in reference.state_dict().items() if "running" in k}}
+
+    want, fp32 = torch_run(torch.float64), torch_run(torch.float32)
     assert set(want) <= set(got) and not set(got) - set(want) - {k for k in got if "num_batches" in k}
     flat = lambda d: np.concatenate([np.ravel(d[k]) for k in sorted(want)])  # noqa: E731
     assert rel_err(flat(want), flat(got)) <= 1e-5
-    for k in want:
-        assert rel_err(want[k], got[k]) <= 1e-3, k
+    bad = [f"{k}: zoo {rel_err(want[k], got[k]):.1e} > {bar:.1e}" for k in want
+           if rel_err(want[k], got[k]) > (bar := max(1e-3, 2 * rel_err(want[k], fp32[k])))]
+    assert not bad, bad
 
 
 @pytest.mark.parametrize("arch", list(MODELS))
