@@ -25,6 +25,42 @@ def test_max_pool_matches_torch(h, w, k, s, p, ceil_mode):
     np.testing.assert_array_equal(np.asarray(out), ref)
 
 
+@pytest.mark.parametrize("platform", ["cpu", None])
+@pytest.mark.parametrize("k,s,p,ceil_mode", [(3, 2, 1, False), (3, 2, 0, True), (2, 2, 0, True), (3, 1, 1, True)])
+def test_max_pool_gradient_goes_where_torch_sends_it(platform, k, s, p, ceil_mode):
+    """Compiled for a CPU, max pooling is a chain of selects (XLA:CPU's select-and-scatter, the
+    gradient of `reduce_window`, took 25x PyTorch's time). Its values and its gradient are
+    PyTorch's where that matters most: ties (zeros after a ReLU, repeated small integers), where
+    PyTorch sends all of a window's gradient to its first maximum in row-major order, and NaNs,
+    which win a window (the last one).
+    The CPU program has no select-and-scatter; lowered for a GPU it keeps `reduce_window`."""
+    g = torch.Generator().manual_seed(k * 100 + s * 10 + p)
+    x = torch.cat([torch.relu(torch.randn(2, 3, 13, 16, generator=g)),
+                   torch.randint(0, 3, (2, 3, 13, 16), generator=g).float()])
+    x[0, 0, 4, 5] = float("nan")
+    x.requires_grad_(True)
+    y = F.max_pool2d(x, k, s, p, ceil_mode=ceil_mode)
+    dy = torch.randn(y.shape, generator=g)
+    y.backward(dy)
+    spec = PoolSpec("max", k, s, p, ceil_mode)
+
+    def pool(x):
+        with ops.tracing_for(platform):
+            return ops.max_pool(x, spec)
+
+    out, vjp = jax.vjp(jax.jit(pool), _nhwc(x.detach()))
+    (dx,) = vjp(jnp.asarray(dy.numpy().transpose(0, 2, 3, 1)))
+    np.testing.assert_array_equal(np.asarray(out), y.detach().numpy().transpose(0, 2, 3, 1))
+    # Where windows overlap, the input's gradient is a sum, added in another order than PyTorch's
+    # (up to 1e-6 apart here); a gradient sent to another element of a window was off by 0.18-2.7.
+    np.testing.assert_allclose(np.asarray(dx), x.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-6, atol=1e-5)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(pool(x) ** 2)))
+    assert "select_and_scatter" not in grad.lower(_nhwc(x.detach())).as_text()
+    if platform is None:
+        for_gpu = jax.export.export(grad, platforms=["cuda"])(_nhwc(x.detach())).mlir_module()
+        assert "reduce_window" in for_gpu and "select_and_scatter" in for_gpu
+
+
 @pytest.mark.parametrize("h,w", [(7, 7), (14, 13), (15, 22)])
 @pytest.mark.parametrize("k,s,p", [(3, 2, 1), (2, 2, 0), (3, 1, 1), (5, 3, 2)])
 @pytest.mark.parametrize("ceil_mode", [False, True])

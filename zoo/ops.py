@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import itertools
 import math
 import os
 from typing import Callable, Optional, Sequence, Union
@@ -113,11 +114,54 @@ def _init_value(value: float, dtype) -> np.ndarray:
     return np.array(value, dtype=dtype)
 
 
-def max_pool(x: Array, p: PoolSpec, axes: Sequence[int] = SPATIAL) -> Array:
+def _max_pool_window(x: Array, p: PoolSpec, axes: Sequence[int]) -> Array:
     # -inf padding: PyTorch never lets padding win a max, even for all-negative inputs.
     pads = _pool_pads(x.shape, p, axes)
     return jax.lax.reduce_window(x, _init_value(-np.inf, x.dtype), jax.lax.max, _window(x.ndim, axes, p.kernel),
                                  _window(x.ndim, axes, p.stride), pads)
+
+
+def _first_max(x: Array, axes: Sequence[int], out: dict[int, int], p: PoolSpec) -> Array:
+    # PyTorch's scan over the window's views of the padded `x` (along `axes`, row-major): keep a
+    # value greater than the maximum so far, or a NaN.
+    best = None
+    for offsets in itertools.product(range(p.kernel), repeat=len(axes)):
+        start, limit, strides = [0] * x.ndim, list(x.shape), [1] * x.ndim
+        for a, o in zip(axes, offsets):
+            start[a], limit[a], strides[a] = o, o + p.stride * (out[a] - 1) + 1, p.stride
+        view = jax.lax.slice(x, start, limit, strides)
+        if best is None:
+            best = view
+        else:
+            best = jax.lax.select(jax.lax.bitwise_or(jax.lax.gt(view, best), jax.lax.ne(view, view)), view, best)
+    return best
+
+
+def _max_pool_scan(x: Array, p: PoolSpec, axes: Sequence[int]) -> Array:
+    # PyTorch's kernel scans each window row by row and keeps a value greater than the maximum so
+    # far, or a NaN; the same chain of selects over the window's strided views gives its values
+    # and, differentiated, its gradient: all of it to the first maximum (ties included, as after a
+    # ReLU), with no select-and-scatter. With stride 1 one axis at a time, the last first (the
+    # first maximum of each row, then the first row holding the window's: the first in row-major
+    # order, and the last NaN, as PyTorch keeps): GoogLeNet's 3x3/1 pools' gradient then took
+    # 1.8-4.6 ms instead of 19-40 (the fused gradient recomputes the chain per view: k+k views
+    # instead of k*k). Strided pools keep the 2-D chain, whose gradient was 2.5x faster there.
+    out = {a: pool_output_size(x.shape[a], p.kernel, p.stride, p.padding, p.ceil_mode) for a in axes}
+    x = jax.lax.pad(x, jnp.array(-np.inf, x.dtype), [(lo, hi, 0) for lo, hi in _pool_pads(x.shape, p, axes)])
+    if p.stride > 1:
+        return _first_max(x, tuple(axes), out, p)
+    for a in sorted(axes, reverse=True):
+        x = _first_max(x, (a,), out, p)
+    return x
+
+
+def max_pool(x: Array, p: PoolSpec, axes: Sequence[int] = SPATIAL) -> Array:
+    """PyTorch's max pooling. Compiled for a CPU, a chain of selects over the window's views:
+    XLA:CPU's gradient of `reduce_window` (a select-and-scatter) took 25x PyTorch's time (GoogLeNet's
+    pools at batch 8, 224x224: 608 against 24 ms; docs/benchmarks.md). Elsewhere `reduce_window`
+    (`_by_platform`)."""
+    return _by_platform(functools.partial(_max_pool_scan, p=p, axes=tuple(axes)),
+                        functools.partial(_max_pool_window, p=p, axes=tuple(axes)), x)
 
 
 def avg_pool(x: Array, p: PoolSpec, axes: Sequence[int] = SPATIAL) -> Array:
