@@ -111,6 +111,27 @@ def test_pointwise_conv_is_a_dot_with_torch_s_values_and_gradients(stride, dims)
     _check_dot_on_cpu_conv_on_gpu(torch.randn(2, 16, 15, 22), torch.randn(24, 16, 1, 1), stride, 0, 1, dims)
 
 
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("dims", [("NHWC", "HWIO", "NHWC"), ("NHWC", "OIHW", "NHWC")])
+def test_dot_kernel_gradient_reads_the_output_gradient_in_place(k, dims):
+    """A convolution run as a dot product (1x1; 3x3 on a 2x2 map: im2col) flattens the batch and
+    map into one axis, so its kernel gradient contracts one axis and XLA:CPU reads the output
+    gradient where it lies. Contracting (N, H, W) as three axes, it copied the output gradient
+    transposed first (ResNet-50's HWIO train step at 224x224 15% slower; docs/benchmarks.md)."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 2, 2, 16)), jnp.float32)
+    w = jnp.ones((k, k, 16, 24) if dims[1] == "HWIO" else (24, 16, k, k), jnp.float32)
+    g = jnp.ones((2, 2, 2, 24), jnp.float32)
+
+    def conv(w):
+        return ops.conv2d(x, w, None, stride=1, padding=k // 2, dilation=1, groups=1, dimension_numbers=dims)
+
+    with ops.tracing_for("cpu"):
+        hlo = jax.jit(lambda w, g: jax.vjp(conv, w)[1](g)[0]).lower(w, g).compile().as_text()
+    moved = [line for line in hlo.splitlines() if " = f32[" in line and ("copy" in line or "transpose" in line)
+             and int(np.prod([int(d) for d in line.split("f32[")[1].split("]")[0].split(",") if d])) == g.size]
+    assert not moved, moved
+
+
 def _check_dot_on_cpu_conv_on_gpu(x, w, stride, padding, dilation, dims):
     """`ops.conv2d`'s forward and both gradients against PyTorch's conv2d (kernel stored as `dims`
     says), and its CPU program without a convolution, its CUDA program without a dot product."""

@@ -236,7 +236,7 @@ def _im2col_dot(x: Array, w: Array, stride: int, padding: int, dilation: int,
         patches = jax.lax.concatenate([jax.lax.expand_dims(t, (c + 1,)) for t in taps], c + 1)
         patches = patches.reshape(*patches.shape[:c], -1)
         w2, w_axis = w.reshape(w.shape[0], -1), 1
-    return jax.lax.dot_general(patches, w2, (((c,), (w_axis,)), ((), ())))
+    return _channel_matmul(patches, w2, w_axis)
 
 
 def _pointwise_dot(x: Array, w: Array, stride: int, dimension_numbers: tuple[str, str, str]) -> Array:
@@ -251,7 +251,16 @@ def _pointwise_dot(x: Array, w: Array, stride: int, dimension_numbers: tuple[str
     # transpose (Equinox's OIHW kernels: an explicit one cost its train step ~20%).
     i_first = rhs.index("I") < rhs.index("O")
     w2 = w.reshape([w.shape[rhs.index(d)] for d in ("IO" if i_first else "OI")])
-    return jax.lax.dot_general(x, w2, (((x.ndim - 1,), (0 if i_first else 1,)), ((), ())))
+    return _channel_matmul(x, w2, 0 if i_first else 1)
+
+
+def _channel_matmul(x: Array, w2: Array, w_axis: int) -> Array:
+    # x's last (channel) axis times the matrix w2, contracted on w2's axis `w_axis`, with the other
+    # axes of x flattened into one: the kernel gradient then contracts one axis. Contracting
+    # (N, H, W) as three, XLA:CPU copied the output gradient transposed before the product (HWIO:
+    # ResNet-50's 1x1 kernel gradients 1.4x slower; docs/benchmarks.md).
+    y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), w2, (((1,), (w_axis,)), ((), ())))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _conv_out_hw(shape: Sequence[int], lhs: str, kernel: tuple[int, int], stride: int, padding: int,
