@@ -78,7 +78,10 @@ def im2col_conv2d(x: Any, w: Any, stride: int, padding: int) -> Any:
     cols = [xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
             for i in range(kh) for j in range(kw)]
     patches = jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]
-    return jax.lax.dot_general(patches, w.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())))
+    # Batch and map flattened into one axis first, as zoo's dot products do: contracting three
+    # axes, the kernel gradient copied the output gradient transposed (`zoo.ops._channel_matmul`).
+    y = jax.lax.dot_general(patches.reshape(-1, kh * kw * cin), w.reshape(kh * kw * cin, cout), (((1,), (0,)), ((), ())))
+    return y.reshape(*patches.shape[:3], cout)
 
 
 def _pair(v: Any) -> int:
