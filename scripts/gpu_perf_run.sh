@@ -13,11 +13,12 @@
 #   FLAGS_IMPL=zoo-haiku,zoo-haiku-folded,torch-eager-cl FLAG_SETS="default;--xla_gpu_experimental_enable_conv_fusion=true;--xla_gpu_cudnn_gemm_fusion_level=2"
 # Writes under $OUT. On an H200 (2026-11-26) the bench stage's GoogLeNet run needed more than 180 s.
 # Each stage has its own time limit (env overrides) so that one slow stage cannot eat the call.
+# STAGES=ab times another commit's code beside this tree's (AB_TREE; see the stage).
 # A dry run on the CPU: DEVICE=cpu BATCH=2 SIZE=64 BENCH_ARGS="--impl zoo-haiku,torch-eager-nchw" \
 #   STARTUP_ARGS="--predict-archs test_resnet --train-archs --create-archs" PROFILE_ARCH=test_resnet \
 #   PARITY_MODELS=test_resnet OUT=/tmp/out bash scripts/gpu_perf_run.sh
 set -u
-OUT=${OUT:-out}; mkdir -p "$OUT"
+OUT=${OUT:-out}; mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the ab stage runs in other trees
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 || exit 1
 # JAX and PyTorch share the GPU in one process: JAX must not take most of its memory up front.
@@ -68,6 +69,21 @@ if has flags; then
       --json "$OUT/flags_${DEVICE:-gpu}_${FLAGS_MODE:-train}_${tag}.json" 2>&1 | grep -v Warning \
       | grep -i "zoo\|torch\|rc\|error" | tail -8
     echo "flags [$set] rc ${PIPESTATUS[0]}"
+  done
+fi
+
+if has ab; then
+  # Another commit's code beside this tree's, alternately, in one call (device time is scarce): AB_TREE
+  # is a checkout inside the repository root, carried, e.g. for the closed-form BatchNorm derivative
+  # (docs/benchmarks.md): `git worktree add exp_bn exp/bn-closed-form-jvp`, carry [".whl", "exp_bn"],
+  # AB_TREE=exp_bn STAGES=ab (~2 min per run on an H200 for a ResNet-50 train step).
+  for tree in "$PWD" "${AB_TREE:?set AB_TREE}" "$PWD" "$AB_TREE"; do
+    tag=$(basename "$(cd "$tree" && pwd)")
+    (cd "$tree" && PYTHONPATH=/tmp/site:$PWD timeout "${AB_S:-150}" python3 cli.py bench "${AB_ARCH:-resnet50}" \
+      --device "${DEVICE:-gpu}" --dtype bfloat16 --batch "${BATCH:-256}" --size "${SIZE:-224}" --mode "${AB_MODE:-train}" \
+      --impl "${AB_IMPL:-zoo-haiku,zoo-equinox}" --repeats 10 --warmup 3 ${BENCH_ARGS:-} \
+      --json "$OUT/ab_${DEVICE:-gpu}_${tag}_$(date +%s).json") 2>&1 | grep -v Warning | grep -i "zoo\|torch\|error" | tail -6
+    echo "ab $tag rc ${PIPESTATUS[0]}"
   done
 fi
 
