@@ -258,7 +258,8 @@ def _channel_matmul(x: Array, w2: Array, w_axis: int) -> Array:
     # x's last (channel) axis times the matrix w2, contracted on w2's axis `w_axis`, with the other
     # axes of x flattened into one: the kernel gradient then contracts one axis. Contracting
     # (N, H, W) as three, XLA:CPU copied the output gradient transposed before the product (HWIO:
-    # ResNet-50's 1x1 kernel gradients 1.4x slower; docs/benchmarks.md).
+    # ResNet-50's 1x1 kernel gradients 1.4x slower; docs/benchmarks.md). Under a vmap (Equinox's
+    # per-example models) the batch axis stays apart, and that copy with it.
     y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), w2, (((1,), (w_axis,)), ((), ())))
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
