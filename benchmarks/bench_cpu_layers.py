@@ -65,23 +65,13 @@ def model_layers(model: Any, batch: int, size: int) -> list[dict[str, Any]]:
 
 
 def im2col_conv2d(x: Any, w: Any, stride: int, padding: int) -> Any:
-    """An NHWC convolution with an HWIO kernel as im2col + one dot product: the k*k shifted (and
-    strided) views of the padded input stacked on the channel axis, in the kernel's (H, W, I)
-    order, times the kernel as a (k*k*I, O) matrix. Same values as the convolution up to rounding."""
-    import jax
-    import jax.numpy as jnp
+    """An NHWC convolution with an HWIO kernel as im2col + one dot product, zoo's own
+    (`zoo.ops._im2col_dot`, which zoo runs only on maps narrower than the kernel): the k*k shifted
+    (and strided) views of the padded input stacked on the channel axis, times the kernel as a
+    (k*k*I, O) matrix. Same values as the convolution up to rounding."""
+    from zoo import ops
 
-    kh, kw, cin, cout = w.shape
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    ho = (x.shape[1] + 2 * padding - kh) // stride + 1
-    wo = (x.shape[2] + 2 * padding - kw) // stride + 1
-    cols = [xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
-            for i in range(kh) for j in range(kw)]
-    patches = jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]
-    # Batch and map flattened into one axis first, as zoo's dot products do: contracting three
-    # axes, the kernel gradient copied the output gradient transposed (`zoo.ops._channel_matmul`).
-    y = jax.lax.dot_general(patches.reshape(-1, kh * kw * cin), w.reshape(kh * kw * cin, cout), (((1,), (0,)), ((), ())))
-    return y.reshape(*patches.shape[:3], cout)
+    return ops._im2col_dot(x, w, stride, padding, 1, ("NHWC", "HWIO", "NHWC"))
 
 
 def _pair(v: Any) -> int:

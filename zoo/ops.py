@@ -121,15 +121,21 @@ def _max_pool_window(x: Array, p: PoolSpec, axes: Sequence[int]) -> Array:
                                  _window(x.ndim, axes, p.stride), pads)
 
 
+def _strided_view(x: Array, offsets: dict[int, int], out: dict[int, int], stride: int) -> Array:
+    """The elements of the padded `x` that one position of a sliding window reads: along each axis
+    in `offsets`, `out[axis]` elements from that offset, `stride` apart."""
+    start, limit, strides = [0] * x.ndim, list(x.shape), [1] * x.ndim
+    for a, o in offsets.items():
+        start[a], limit[a], strides[a] = o, o + stride * (out[a] - 1) + 1, stride
+    return jax.lax.slice(x, start, limit, strides)
+
+
 def _first_max(x: Array, axes: Sequence[int], out: dict[int, int], p: PoolSpec) -> Array:
     # PyTorch's scan over the window's views of the padded `x` (along `axes`, row-major): keep a
     # value greater than the maximum so far, or a NaN.
     best = None
     for offsets in itertools.product(range(p.kernel), repeat=len(axes)):
-        start, limit, strides = [0] * x.ndim, list(x.shape), [1] * x.ndim
-        for a, o in zip(axes, offsets):
-            start[a], limit[a], strides[a] = o, o + p.stride * (out[a] - 1) + 1, p.stride
-        view = jax.lax.slice(x, start, limit, strides)
+        view = _strided_view(x, dict(zip(axes, offsets)), out, p.stride)
         if best is None:
             best = view
         else:
@@ -214,14 +220,8 @@ def _im2col_dot(x: Array, w: Array, stride: int, padding: int, dilation: int,
     pads = [(0, 0, 0)] * x.ndim
     pads[ha] = pads[wa] = (padding, padding, 0)
     xp = jax.lax.pad(x, jnp.array(0, x.dtype), pads)
-    ho, wo = _conv_out_hw(x.shape, lhs, (kh, kw), stride, padding, dilation)
-    taps = []
-    for i in range(kh):
-        for j in range(kw):
-            start, limit, strides = [0] * x.ndim, list(xp.shape), [1] * x.ndim
-            start[ha], limit[ha], strides[ha] = i * dilation, i * dilation + stride * (ho - 1) + 1, stride
-            start[wa], limit[wa], strides[wa] = j * dilation, j * dilation + stride * (wo - 1) + 1, stride
-            taps.append(jax.lax.slice(xp, start, limit, strides))
+    out = dict(zip((ha, wa), _conv_out_hw(x.shape, lhs, (kh, kw), stride, padding, dilation)))
+    taps = [_strided_view(xp, {ha: i * dilation, wa: j * dilation}, out, stride) for i in range(kh) for j in range(kw)]
     c = x.ndim - 1
     if rhs == "HWIO":
         # The kernel's rows run (h, w, i), as the taps concatenated on the channel axis do.
