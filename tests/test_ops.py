@@ -111,25 +111,65 @@ def test_pointwise_conv_is_a_dot_with_torch_s_values_and_gradients(stride, dims)
     _check_dot_on_cpu_conv_on_gpu(torch.randn(2, 16, 15, 22), torch.randn(24, 16, 1, 1), stride, 0, 1, dims)
 
 
+@pytest.mark.parametrize("per_example", [False, True], ids=["batch", "vmapped"])
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("dims", [("NHWC", "HWIO", "NHWC"), ("NHWC", "OIHW", "NHWC")])
-def test_dot_kernel_gradient_reads_the_output_gradient_in_place(k, dims):
+def test_dot_kernel_gradient_reads_the_output_gradient_in_place(k, dims, per_example):
     """A convolution run as a dot product (1x1; 3x3 on a 2x2 map: im2col) flattens the batch and
     map into one axis, so its kernel gradient contracts one axis and XLA:CPU reads the output
-    gradient where it lies. Contracting (N, H, W) as three axes, it copied the output gradient
-    transposed first (ResNet-50's HWIO train step at 224x224 15% slower; docs/benchmarks.md)."""
+    gradient where it lies; under a vmap of single examples too (Equinox's models), where the
+    batch joins the rows in `ops._rows_dot_p`'s batching rule. Contracting (N, H, W) as three
+    axes, or (N, H*W) as two under vmap, it copied the output gradient transposed first
+    (ResNet-50's train step at 224x224: Haiku 15% slower, Equinox 36 copies; docs/benchmarks.md)."""
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 2, 2, 16)), jnp.float32)
     w = jnp.ones((k, k, 16, 24) if dims[1] == "HWIO" else (24, 16, k, k), jnp.float32)
     g = jnp.ones((2, 2, 2, 24), jnp.float32)
 
     def conv(w):
-        return ops.conv2d(x, w, None, stride=1, padding=k // 2, dilation=1, groups=1, dimension_numbers=dims)
+        def one(x):
+            return ops.conv2d(x, w, None, stride=1, padding=k // 2, dilation=1, groups=1, dimension_numbers=dims)
+
+        return jax.vmap(lambda xi: one(xi[None])[0])(x) if per_example else one(x)
 
     with ops.tracing_for("cpu"):
         hlo = jax.jit(lambda w, g: jax.vjp(conv, w)[1](g)[0]).lower(w, g).compile().as_text()
     moved = [line for line in hlo.splitlines() if " = f32[" in line and ("copy" in line or "transpose" in line)
              and int(np.prod([int(d) for d in line.split("f32[")[1].split("]")[0].split(",") if d])) == g.size]
     assert not moved, moved
+
+
+@pytest.mark.parametrize("w_axis", [0, 1])
+def test_rows_dot_primitive_is_the_plain_product_under_every_transformation(w_axis):
+    """`ops._channel_matmul` binds a primitive of zoo's (for its batching rule): under jit, grad,
+    vmap (per-example inputs, batched kernels, per-example gradients), jvp, second order,
+    checkpoint and eagerly it gives what the plain product `ops._rows_dot` gives."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 4, 5, 6)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((6, 7) if w_axis == 0 else (7, 6)), jnp.float32)
+    ours, plain = (lambda x, w: ops._channel_matmul(x, w, w_axis)), (lambda x, w: ops._rows_dot(x, w, w_axis))
+
+    def loss(f):
+        return lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+
+    def per_example(f):
+        return lambda x, w: jax.vmap(lambda xi: f(xi, w))(x)
+
+    cases = {
+        "eager": lambda f: f(x, w),
+        "jit": lambda f: jax.jit(f)(x, w),
+        "grad": lambda f: jax.jit(jax.grad(loss(f), (0, 1)))(x, w),
+        "vmap grad": lambda f: jax.grad(loss(per_example(f)), (0, 1))(x, w),
+        "batched kernels": lambda f: jax.vmap(lambda wi: f(x, wi))(jnp.stack([w, 2 * w])),
+        "per-example grads": lambda f: jax.vmap(jax.grad(loss(f), 1), (0, None))(x, w),
+        "jvp": lambda f: jax.jvp(f, (x, w), (x, w)),
+        "hessian": lambda f: jax.hessian(lambda w: loss(f)(x[:1, :1], w))(w),
+        "checkpoint": lambda f: jax.grad(jax.checkpoint(loss(f)), (0, 1))(x, w),
+        "linear_transpose": lambda f: jax.linear_transpose(lambda w: f(x, w), w)(f(x, w)),
+    }
+    for name, run in cases.items():
+        for a, b in zip(jax.tree_util.tree_leaves(run(ours)), jax.tree_util.tree_leaves(run(plain))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
+    assert "zoo_rows_dot" in str(jax.make_jaxpr(ours)(x, w))
 
 
 def _check_dot_on_cpu_conv_on_gpu(x, w, stride, padding, dilation, dims):

@@ -12,12 +12,20 @@ import functools
 import itertools
 import math
 import os
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.interpreters import ad as _ad
+from jax.interpreters import batching as _batching
+from jax.interpreters import mlir as _mlir
 from jaxtyping import Array, Float
+
+try:
+    from jax.extend.core import Primitive as _Primitive
+except ImportError:  # jax < 0.4.36
+    from jax.core import Primitive as _Primitive
 
 from .spec import PoolSpec
 
@@ -254,14 +262,74 @@ def _pointwise_dot(x: Array, w: Array, stride: int, dimension_numbers: tuple[str
     return _channel_matmul(x, w2, 0 if i_first else 1)
 
 
-def _channel_matmul(x: Array, w2: Array, w_axis: int) -> Array:
+def _rows_dot(x: Array, w2: Array, w_axis: int) -> Array:
     # x's last (channel) axis times the matrix w2, contracted on w2's axis `w_axis`, with the other
     # axes of x flattened into one: the kernel gradient then contracts one axis. Contracting
     # (N, H, W) as three, XLA:CPU copied the output gradient transposed before the product (HWIO:
-    # ResNet-50's 1x1 kernel gradients 1.4x slower; docs/benchmarks.md). Under a vmap (Equinox's
-    # per-example models) the batch axis stays apart, and that copy with it.
+    # ResNet-50's 1x1 kernel gradients 1.4x slower; docs/benchmarks.md).
     y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), w2, (((1,), (w_axis,)), ((), ())))
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+# `_rows_dot` as a primitive of its own, for one reason: its batching rule. vmap of the plain
+# function keeps the batch axis apart from the rows (a per-example function cannot merge them), so
+# under Equinox's vmap the kernel gradient contracted (N, H*W) as two axes, and XLA:CPU wrote each
+# output gradient transposed first: 36 such copies in a ResNet-50 train step, 405 of its 2,873 ms
+# of kernel time at batch 8, 224^2 (docs/benchmarks.md). Batched, the primitive takes the batch
+# as more rows; its transposes are the plain products on whole arrays, whose rows are then one
+# axis. Forward and reverse mode, vmap and jit all work as for the plain function.
+_rows_dot_p = _Primitive("zoo_rows_dot")
+_rows_dot_p.def_impl(jax.jit(_rows_dot, static_argnames="w_axis"))
+_rows_dot_p.def_abstract_eval(
+    lambda x, w2, *, w_axis: jax.core.ShapedArray((*x.shape[:-1], w2.shape[1 - w_axis]), x.dtype))
+_mlir.register_lowering(_rows_dot_p, _mlir.lower_fun(_rows_dot, multiple_results=False))
+
+
+def _rows_dot_batched(args: Sequence[Array], dims: Sequence[Optional[int]], *, w_axis: int
+                      ) -> tuple[Array, int]:
+    (x, w2), (bx, bw) = args, dims
+    if bw is None:
+        return _channel_matmul(jnp.moveaxis(x, bx, 0), w2, w_axis), 0
+    # Batched kernels (an ensemble): the plain product, vmapped.
+    return jax.vmap(functools.partial(_rows_dot, w_axis=w_axis), in_axes=(bx, bw))(x, w2), 0
+
+
+def _rows_dot_t_x(ct: Array, x: Any, w2: Array, *, w_axis: int) -> Array:
+    return _rows_dot(ct, w2, 1 - w_axis)
+
+
+def _rows_dot_t_w(ct: Array, x: Array, w2: Any, *, w_axis: int) -> Array:
+    rows = (x.reshape(-1, x.shape[-1]), ct.reshape(-1, ct.shape[-1]))
+    if w_axis == 1:
+        rows = rows[::-1]
+    return jax.lax.dot_general(*rows, (((0,), (0,)), ((), ())))
+
+
+_batching.primitive_batchers[_rows_dot_p] = _rows_dot_batched
+_ad.defbilinear(_rows_dot_p, _rows_dot_t_x, _rows_dot_t_w)
+
+
+def _unsharded(*arrays: Array) -> bool:
+    # The primitive's shape rule knows no sharding: inside shard_map (manual axes) or on explicitly
+    # sharded arrays zoo runs the plain product.
+    for a in arrays:
+        aval = jax.typeof(a)
+        sharding = getattr(aval, "sharding", None)
+        if sharding is not None and not sharding.mesh.empty:
+            return False
+        manual = getattr(aval, "manual_axis_type", None)
+        if manual is not None and (manual.varying or manual.unreduced or manual.reduced):
+            return False
+        if getattr(aval, "vma", None):
+            return False
+    return True
+
+
+def _channel_matmul(x: Array, w2: Array, w_axis: int) -> Array:
+    """`_rows_dot`, through its primitive where it applies (see above)."""
+    if _unsharded(x, w2):
+        return _rows_dot_p.bind(x, w2, w_axis=w_axis)
+    return _rows_dot(x, w2, w_axis)
 
 
 def _conv_out_hw(shape: Sequence[int], lhs: str, kernel: tuple[int, int], stride: int, padding: int,
