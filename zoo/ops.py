@@ -17,15 +17,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.interpreters import ad as _ad
-from jax.interpreters import batching as _batching
-from jax.interpreters import mlir as _mlir
 from jaxtyping import Array, Float
-
-try:
-    from jax.extend.core import Primitive as _Primitive
-except ImportError:  # jax < 0.4.36
-    from jax.core import Primitive as _Primitive
 
 from .spec import PoolSpec
 
@@ -278,13 +270,6 @@ def _rows_dot(x: Array, w2: Array, w_axis: int) -> Array:
 # of kernel time at batch 8, 224^2 (docs/benchmarks.md). Batched, the primitive takes the batch
 # as more rows; its transposes are the plain products on whole arrays, whose rows are then one
 # axis. Forward and reverse mode, vmap and jit all work as for the plain function.
-_rows_dot_p = _Primitive("zoo_rows_dot")
-_rows_dot_p.def_impl(jax.jit(_rows_dot, static_argnames="w_axis"))
-_rows_dot_p.def_abstract_eval(
-    lambda x, w2, *, w_axis: jax.core.ShapedArray((*x.shape[:-1], w2.shape[1 - w_axis]), x.dtype))
-_mlir.register_lowering(_rows_dot_p, _mlir.lower_fun(_rows_dot, multiple_results=False))
-
-
 def _rows_dot_batched(args: Sequence[Array], dims: Sequence[Optional[int]], *, w_axis: int
                       ) -> tuple[Array, int]:
     (x, w2), (bx, bw) = args, dims
@@ -305,15 +290,36 @@ def _rows_dot_t_w(ct: Array, x: Array, w2: Any, *, w_axis: int) -> Array:
     return jax.lax.dot_general(*rows, (((0,), (0,)), ((), ())))
 
 
-_batching.primitive_batchers[_rows_dot_p] = _rows_dot_batched
-_ad.defbilinear(_rows_dot_p, _rows_dot_t_x, _rows_dot_t_w)
+def _make_rows_dot_p() -> Any:
+    # JAX's interfaces for a primitive of one's own; if this JAX lacks one, the plain product.
+    try:
+        from jax.interpreters import ad, batching, mlir
+
+        try:
+            from jax.extend.core import Primitive
+        except ImportError:  # jax < 0.4.36
+            from jax.core import Primitive
+        p = Primitive("zoo_rows_dot")
+        p.def_impl(jax.jit(_rows_dot, static_argnames="w_axis"))
+        p.def_abstract_eval(lambda x, w2, *, w_axis: x.update(shape=(*x.shape[:-1], w2.shape[1 - w_axis]),
+                                                               weak_type=False))
+        mlir.register_lowering(p, mlir.lower_fun(_rows_dot, multiple_results=False))
+        batching.primitive_batchers[p] = _rows_dot_batched
+        ad.defbilinear(p, _rows_dot_t_x, _rows_dot_t_w)
+        return p
+    except (ImportError, AttributeError):
+        return None
+
+
+_rows_dot_p = _make_rows_dot_p()
+_typeof = getattr(jax, "typeof", None) or jax.core.get_aval
 
 
 def _unsharded(*arrays: Array) -> bool:
     # The primitive's shape rule knows no sharding: inside shard_map (manual axes) or on explicitly
     # sharded arrays zoo runs the plain product.
     for a in arrays:
-        aval = jax.typeof(a)
+        aval = _typeof(a)
         sharding = getattr(aval, "sharding", None)
         if sharding is not None and not sharding.mesh.empty:
             return False
@@ -327,7 +333,7 @@ def _unsharded(*arrays: Array) -> bool:
 
 def _channel_matmul(x: Array, w2: Array, w_axis: int) -> Array:
     """`_rows_dot`, through its primitive where it applies (see above)."""
-    if _unsharded(x, w2):
+    if _rows_dot_p is not None and _unsharded(x, w2):
         return _rows_dot_p.bind(x, w2, w_axis=w_axis)
     return _rows_dot(x, w2, w_axis)
 
