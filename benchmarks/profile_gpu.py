@@ -12,6 +12,11 @@ GEMM (cuBLAS, cuBLASLt's nvjet, Triton or CUTLASS GEMMs), layout (transposes, co
 padding) and other (elementwise fusions); the table gives milliseconds per call, and the JSON also
 keeps the 40 costliest kernel names per row.
 
+On a CPU (`--device cpu --dtype float32`) zoo's rows are profiled by XLA's thunks, the events
+JAX's profiler records per HLO op on the host's threads (the "library" group: YNNPACK's fusions);
+they run on several threads, so their sum can exceed the call's time. PyTorch's CPU rows keep
+their timing only (its CPU profile has operators, not kernels).
+
 `--dots cpu all none` runs zoo's unfolded rows again for each further value of zoo.ops' switch
 (where 1x1 convolutions run as dot products: on a CPU only, zoo's default; everywhere; nowhere),
 each row's median beside the first pass's: the dot lever measured on this device. PyTorch eager's kernels are the reference for the convolutions: torch.compile calls
@@ -37,7 +42,10 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GROUPS = (  # first match wins: cuDNN's convolution kernels have "nhwc" in their names too
-    ("conv", re.compile(r"fprop|dgrad|wgrad|implicit_?gemm|ImplicitGemmConv", re.I)),
+    # On a CPU: XLA's library fusions (YNNPACK's, oneDNN's), whose names do not say what they hold
+    # (convolutions, dot products, reductions; the optimized HLO does).
+    ("library", re.compile(r"ynn_fusion|onednn|xnn_fusion", re.I)),
+    ("conv", re.compile(r"fprop|dgrad|wgrad|implicit_?gemm|ImplicitGemmConv|^convolution", re.I)),
     ("pool", re.compile(r"max_pool|avg_pool|reduce_window|scatter", re.I)),
     ("norm/reduce", re.compile(r"batch_norm|bn_fw|bn_bw|batchnorm|reduce|welford|softmax", re.I)),
     ("gemm", re.compile(r"gemm|nvjet|cublas|cutlass|triton_dot|matmul|dot", re.I)),
@@ -92,6 +100,16 @@ def jax_kernels(call: Callable[[], Any], sync: Callable[[Any], Any], calls: int)
                     streams += events
                 elif not line.name.startswith(("XLA", "Steps", "Launch", "Source", "TensorFlow")):
                     others += events
+        if not (streams or others):
+            # A CPU: XLA's thunks (its fusions and library calls) on the host's threads, the events
+            # that name an HLO op; "end: ..." marks when a thunk's asynchronous work finished.
+            for plane in data.planes:
+                for line in plane.lines if plane.name.startswith("/host:") else ():
+                    events = [(e.name, e.duration_ns / 1e3) for e in line.events
+                              if not e.name.startswith("end: ") and any(k == "hlo_op" for k, _ in e.stats)]
+                    if events:
+                        lines[f"{plane.name} | {line.name}"] = (len(events), sum(us for _, us in events) / 1e3)
+                        others += events
         return streams or others, lines
 
 

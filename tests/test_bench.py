@@ -305,3 +305,21 @@ def test_narrow_conv_benchmark_times_each_form_and_records_the_rule(tmp_path, mo
     monkeypatch.setattr(bench, "CASES", [(2, 2, 2, 4, 4, 3, 1, 1, 1)])
     with pytest.raises(AssertionError, match="im2col and PyTorch differ"):
         bench.main()
+
+
+def test_kernel_profile_reads_xla_thunks_on_a_cpu(tmp_path):
+    """`benchmarks/profile_gpu.py` on a CPU: each zoo row's time and its XLA thunks by name (the
+    events JAX's profiler records per HLO op on the host's threads), grouped; a CPU has no device
+    streams, and without the host's thunks the profile was empty."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "profile.json"
+    subprocess.run([sys.executable, os.path.join(root, "benchmarks", "profile_gpu.py"), ARCH, "--impl", "zoo-equinox",
+                    "--mode", "train", "--device", "cpu", "--dtype", "float32", "--batch", "2", "--size", "33",
+                    "--repeats", "1", "--warmup", "0", "--calls", "1", "--out", str(out)], check=True, cwd=root,
+                   capture_output=True, timeout=600)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert "error" not in row, row["error"]
+    assert row["impl"] == "zoo-equinox" and row["median_ms"] > 0 and row["kernels_per_call"] >= 10
+    assert row["kernel_ms_per_call"] == pytest.approx(sum(row["groups_ms_per_call"].values()))
+    assert row["groups_ms_per_call"]["library"] > 0  # YNNPACK's fusions
+    assert all(not t["name"].startswith(("$", "end: ", "ThunkExecutor")) for t in row["top"])
