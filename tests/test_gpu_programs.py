@@ -1,0 +1,77 @@
+"""What a GPU compiles from zoo's models, checked on any machine: `jax.export` lowers a program
+for CUDA without a GPU, so CI sees the convolutions and transposes that XLA's GPU compiler will be
+given, in both frameworks, for every CI model.
+
+Why: the layouts of a program decide its speed on a GPU before any kernel runs. Equinox's
+per-example CHW models once gave XLA NCHW convolutions with a transpose around each (inference at
+0.58x Haiku's speed on an H100), and GroupNorm once moved the channels to the front of every map
+and back (two transposes of each map per norm). Neither shows in the numbers on a CPU test machine."""
+
+import re
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+
+import zoo.equinox
+import zoo.haiku
+from zoo import registry
+from zoo.equinox import BATCH_AXIS
+
+CI_MODELS = [n for n in registry.list_models() if registry.get(n).ci]
+BATCH, H, W = 2, 64, 80
+# `[b, 0, 1, f]`: batch, the two spatial axes, then the features: NHWC, what cuDNN runs fastest.
+CONV = re.compile(r"stablehlo\.convolution.*? dim_numbers = \[([^]]*)\]x\[[^]]*\]->\[([^]]*)\]")
+TRANSPOSE = re.compile(r"stablehlo\.transpose %\S+, dims = \[[^]]*\] : \(tensor<((?:\d+x)+)\w+>\)")
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, (jax.Array, jax.ShapeDtypeStruct))
+
+
+def _cuda_program(f, *args) -> str:
+    return jax.export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
+
+
+def _haiku_forward(arch: str) -> str:
+    net = zoo.haiku.create(arch)
+    x = jax.ShapeDtypeStruct((BATCH, H, W, 3), jnp.float32)
+    params, state = jax.eval_shape(lambda x: net.init(jax.random.key(0), x, is_training=False), x)
+    return _cuda_program(lambda p, s, x: net.apply(p, s, None, x, is_training=False)[0], params, state, x)
+
+
+def _equinox_forward(arch: str) -> str:
+    model, state = eqx.filter_eval_shape(zoo.equinox.create, arch, key=jax.random.key(0))
+    arrays, static = eqx.partition(eqx.nn.inference_mode(model), _is_array)
+    x = jax.ShapeDtypeStruct((BATCH, 3, H, W), jnp.float32)
+
+    def forward(arrays, state, x):
+        m = eqx.combine(arrays, static)
+        return jax.vmap(lambda xi, s: m(xi, s), axis_name=BATCH_AXIS, in_axes=(0, None), out_axes=(0, None))(x, state)[0]
+
+    return _cuda_program(forward, arrays, state, x)
+
+
+def _map_transposes(program: str) -> list[tuple[int, ...]]:
+    """Shapes of the transposed operands larger than a vector per example (2048 values: the
+    widest pooled features): those move feature maps. Smaller ones (logits, ResNeSt's attention
+    weights) cost nothing."""
+    shapes = [tuple(int(d) for d in s.rstrip("x").split("x")) for s in TRANSPOSE.findall(program)]
+    return [s for s in shapes if jnp.prod(jnp.array(s)) > BATCH * 2048]
+
+
+@pytest.mark.parametrize("arch", CI_MODELS)
+def test_gpu_forward_is_channels_last_without_map_transposes(arch):
+    """Both frameworks' inference programs for CUDA: every 2-D convolution reads and writes NHWC,
+    the two frameworks have the same convolutions, and no feature map is transposed but Equinox's
+    NCHW input at the entry (its one CHW->HWC transpose)."""
+    haiku, equinox = _haiku_forward(arch), _equinox_forward(arch)
+    convs = {name: [c for c in CONV.findall(p) if len(c[0].split(",")) == 4] for name, p in
+             (("haiku", haiku), ("equinox", equinox))}
+    assert convs["haiku"], "no 2-D convolution found: the pattern no longer matches JAX's text"
+    for name, found in convs.items():
+        assert all(c == ("b, 0, 1, f", "b, 0, 1, f") for c in found), (name, sorted(set(found)))
+    assert len(convs["haiku"]) == len(convs["equinox"])
+    assert _map_transposes(haiku) == []
+    assert _map_transposes(equinox) == [(BATCH, 3, H, W)]
