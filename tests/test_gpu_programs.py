@@ -7,6 +7,7 @@ per-example CHW models once gave XLA NCHW convolutions with a transpose around e
 0.58x Haiku's speed on an H100), and GroupNorm once moved the channels to the front of every map
 and back (two transposes of each map per norm). Neither shows in the numbers on a CPU test machine."""
 
+import math
 import re
 
 import equinox as eqx
@@ -20,7 +21,8 @@ from zoo import registry
 from zoo.equinox import BATCH_AXIS
 
 CI_MODELS = [n for n in registry.list_models() if registry.get(n).ci]
-BATCH, H, W = 2, 64, 80
+# A batch no kernel has as a dimension, so that a transposed tensor with it is a feature map.
+BATCH, H, W = 5, 64, 80
 # `[b, 0, 1, f]`: batch, the two spatial axes, then the features: NHWC, what cuDNN runs fastest.
 CONV = re.compile(r"stablehlo\.convolution.*? dim_numbers = \[([^]]*)\]x\[[^]]*\]->\[([^]]*)\]")
 TRANSPOSE = re.compile(r"stablehlo\.transpose %\S+, dims = \[[^]]*\] : \(tensor<((?:\d+x)+)\w+>\)")
@@ -54,11 +56,12 @@ def _equinox_forward(arch: str) -> str:
 
 
 def _map_transposes(program: str) -> list[tuple[int, ...]]:
-    """Shapes of the transposed operands larger than a vector per example (2048 values: the
-    widest pooled features): those move feature maps. Smaller ones (logits, ResNeSt's attention
-    weights) cost nothing."""
+    """Shapes of the transposed operands that hold a batch of maps: a batch axis and more than a
+    vector per example (2048 values: the widest pooled features). Kernels (regrouped for a grouped
+    convolution's gradient) and small per-example vectors (logits, ResNeSt's attention weights)
+    are not feature maps."""
     shapes = [tuple(int(d) for d in s.rstrip("x").split("x")) for s in TRANSPOSE.findall(program)]
-    return [s for s in shapes if jnp.prod(jnp.array(s)) > BATCH * 2048]
+    return [s for s in shapes if BATCH in s and math.prod(s) > BATCH * 2048]
 
 
 @pytest.mark.parametrize("arch", CI_MODELS)
@@ -75,3 +78,41 @@ def test_gpu_forward_is_channels_last_without_map_transposes(arch):
     assert len(convs["haiku"]) == len(convs["equinox"])
     assert _map_transposes(haiku) == []
     assert _map_transposes(equinox) == [(BATCH, 3, H, W)]
+
+
+def _haiku_gradient(arch: str) -> str:
+    net = zoo.haiku.create(arch)
+    x = jax.ShapeDtypeStruct((BATCH, H, W, 3), jnp.float32)
+    params, state = jax.eval_shape(lambda x: net.init(jax.random.key(0), x, is_training=True), x)
+
+    def loss(params, state, x):
+        out, _ = net.apply(params, state, jax.random.key(1), x, is_training=True)
+        return jnp.sum(out[0] if isinstance(out, tuple) else out)  # GoogLeNet: its main logits
+
+    return _cuda_program(jax.grad(loss), params, state, x)
+
+
+def _equinox_gradient(arch: str) -> str:
+    model, state = eqx.filter_eval_shape(zoo.equinox.create, arch, key=jax.random.key(0))
+    arrays, static = eqx.partition(model, _is_array)
+    x = jax.ShapeDtypeStruct((BATCH, 3, H, W), jnp.float32)
+
+    def loss(arrays, state, x):
+        m = eqx.combine(arrays, static)
+        keys = jax.random.split(jax.random.key(1), BATCH)
+        out, _ = jax.vmap(lambda xi, k, s: m(xi, s, key=k), axis_name=BATCH_AXIS, in_axes=(0, 0, None),
+                          out_axes=(0, None))(x, keys, state)
+        return jnp.sum(out[0] if isinstance(out, tuple) else out)
+
+    return _cuda_program(jax.grad(loss), arrays, state, x)
+
+
+@pytest.mark.parametrize("arch", CI_MODELS)
+def test_gpu_training_gradient_transposes_no_feature_map(arch):
+    """The training-mode gradient programs for CUDA: no feature map is transposed but Equinox's
+    input (kernels are, for grouped convolutions' gradients); both frameworks have the same
+    convolutions."""
+    programs = {"haiku": _haiku_gradient(arch), "equinox": _equinox_gradient(arch)}
+    assert _map_transposes(programs["haiku"]) == []
+    assert _map_transposes(programs["equinox"]) == [(BATCH, 3, H, W)]
+    assert len(CONV.findall(programs["haiku"])) == len(CONV.findall(programs["equinox"])) > 0
