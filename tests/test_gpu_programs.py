@@ -43,23 +43,38 @@ def _shallow(arch: str) -> dict:
     return {} if layers is None else {"layers": tuple(min(n, 2) for n in layers)}
 
 
-def _haiku_forward(arch: str) -> str:
+def _main_output(out):
+    return out[0] if isinstance(out, tuple) else out  # GoogLeNet in training: its main logits
+
+
+def _haiku_program(arch: str, training: bool) -> str:
+    """The inference forward, or the training-mode gradient of the summed logits."""
     net = zoo.haiku.create(arch, **_shallow(arch))
     x = jax.ShapeDtypeStruct((BATCH, H, W, 3), jnp.float32)
-    params, state = jax.eval_shape(lambda x: net.init(jax.random.key(0), x, is_training=False), x)
-    return _cuda_program(lambda p, s, x: net.apply(p, s, None, x, is_training=False)[0], params, state, x)
+    params, state = jax.eval_shape(lambda x: net.init(jax.random.key(0), x, is_training=training), x)
+
+    def forward(params, state, x):
+        return _main_output(net.apply(params, state, jax.random.key(1), x, is_training=training)[0])
+
+    f = jax.grad(lambda *a: jnp.sum(forward(*a))) if training else forward
+    return _cuda_program(f, params, state, x)
 
 
-def _equinox_forward(arch: str) -> str:
+def _equinox_program(arch: str, training: bool) -> str:
+    """As `_haiku_program`, the single-example model vmapped with its batch axis name."""
     model, state = eqx.filter_eval_shape(zoo.equinox.create, arch, key=jax.random.key(0), **_shallow(arch))
-    arrays, static = eqx.partition(eqx.nn.inference_mode(model), _is_array)
+    arrays, static = eqx.partition(model if training else eqx.nn.inference_mode(model), _is_array)
     x = jax.ShapeDtypeStruct((BATCH, 3, H, W), jnp.float32)
 
     def forward(arrays, state, x):
         m = eqx.combine(arrays, static)
-        return jax.vmap(lambda xi, s: m(xi, s), axis_name=BATCH_AXIS, in_axes=(0, None), out_axes=(0, None))(x, state)[0]
+        keys = jax.random.split(jax.random.key(1), BATCH)
+        out, _ = jax.vmap(lambda xi, k, s: m(xi, s, key=k), axis_name=BATCH_AXIS, in_axes=(0, 0, None),
+                          out_axes=(0, None))(x, keys, state)
+        return _main_output(out)
 
-    return _cuda_program(forward, arrays, state, x)
+    f = jax.grad(lambda *a: jnp.sum(forward(*a))) if training else forward
+    return _cuda_program(f, arrays, state, x)
 
 
 def _map_transposes(program: str) -> list[tuple[int, ...]]:
@@ -76,7 +91,7 @@ def test_gpu_forward_is_channels_last_without_map_transposes(arch):
     """Both frameworks' inference programs for CUDA: every 2-D convolution reads and writes NHWC,
     the two frameworks have the same convolutions, and no feature map is transposed but Equinox's
     NCHW input at the entry (its one CHW->HWC transpose)."""
-    haiku, equinox = _haiku_forward(arch), _equinox_forward(arch)
+    haiku, equinox = _haiku_program(arch, False), _equinox_program(arch, False)
     convs = {name: [c for c in CONV.findall(p) if len(c[0].split(",")) == 4] for name, p in
              (("haiku", haiku), ("equinox", equinox))}
     assert convs["haiku"], "no 2-D convolution found: the pattern no longer matches JAX's text"
@@ -87,39 +102,12 @@ def test_gpu_forward_is_channels_last_without_map_transposes(arch):
     assert _map_transposes(equinox) == [(BATCH, 3, H, W)]
 
 
-def _haiku_gradient(arch: str) -> str:
-    net = zoo.haiku.create(arch, **_shallow(arch))
-    x = jax.ShapeDtypeStruct((BATCH, H, W, 3), jnp.float32)
-    params, state = jax.eval_shape(lambda x: net.init(jax.random.key(0), x, is_training=True), x)
-
-    def loss(params, state, x):
-        out, _ = net.apply(params, state, jax.random.key(1), x, is_training=True)
-        return jnp.sum(out[0] if isinstance(out, tuple) else out)  # GoogLeNet: its main logits
-
-    return _cuda_program(jax.grad(loss), params, state, x)
-
-
-def _equinox_gradient(arch: str) -> str:
-    model, state = eqx.filter_eval_shape(zoo.equinox.create, arch, key=jax.random.key(0), **_shallow(arch))
-    arrays, static = eqx.partition(model, _is_array)
-    x = jax.ShapeDtypeStruct((BATCH, 3, H, W), jnp.float32)
-
-    def loss(arrays, state, x):
-        m = eqx.combine(arrays, static)
-        keys = jax.random.split(jax.random.key(1), BATCH)
-        out, _ = jax.vmap(lambda xi, k, s: m(xi, s, key=k), axis_name=BATCH_AXIS, in_axes=(0, 0, None),
-                          out_axes=(0, None))(x, keys, state)
-        return jnp.sum(out[0] if isinstance(out, tuple) else out)
-
-    return _cuda_program(jax.grad(loss), arrays, state, x)
-
-
 @pytest.mark.parametrize("arch", CI_MODELS)
 def test_gpu_training_gradient_transposes_no_feature_map(arch):
     """The training-mode gradient programs for CUDA: no feature map is transposed but Equinox's
     input (kernels are, for grouped convolutions' gradients); both frameworks have the same
     convolutions."""
-    programs = {"haiku": _haiku_gradient(arch), "equinox": _equinox_gradient(arch)}
+    programs = {"haiku": _haiku_program(arch, True), "equinox": _equinox_program(arch, True)}
     assert _map_transposes(programs["haiku"]) == []
     assert _map_transposes(programs["equinox"]) == [(BATCH, 3, H, W)]
     assert len(CONV.findall(programs["haiku"])) == len(CONV.findall(programs["equinox"])) > 0
