@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import equinox as eqx
 import jax
@@ -330,20 +331,35 @@ def _vanishing(ref64: dict[str, np.ndarray]) -> set[str]:
     return {k for k, g in ref64.items() if np.linalg.norm(g) <= 1e-10 * total}
 
 
-def parity_failures(ref64: dict, ref32: dict, ours: dict, start: dict[str, np.ndarray],
+def fp32_references(model, x: np.ndarray, labels: np.ndarray, optimizers: Sequence[str]) -> list[dict]:
+    """PyTorch fp32's runs on the batch and on the batch moved by fp32 rounding (1e-7 relative):
+    how far fp32 lands from float64 on this model, twice.
+
+    Why two: three optimizer steps can amplify rounding hundreds of times (each step's gradient is
+    taken where the last step's rounding left the parameters). On resnetaa50d (seed 2, an Intel
+    Xeon) the gradients of PyTorch fp32 and of zoo were 2e-6 from float64 and the SGD updates
+    1e-4..1e-3, zoo's up to 4.7x PyTorch's on that one draw; PyTorch fp32 on the moved batch landed
+    where zoo did (within 2% on every tensor; docs/training.md). One draw is a sample of that
+    spread, not its size."""
+    rng = np.random.default_rng(0)
+    moved = (x * (1 + 1e-7 * rng.standard_normal(x.shape))).astype(x.dtype)
+    return [torch_run(model, x, labels, optimizers=optimizers), torch_run(model, moved, labels, optimizers=optimizers)]
+
+
+def parity_failures(ref64: dict, refs32: Sequence[dict], ours: dict, start: dict[str, np.ndarray],
                     strict: bool = False) -> list[str]:
     """Every tensor that fails the criterion: zoo no farther from PyTorch float64 than
-    max(1e-5, 2x PyTorch fp32's own distance) (`strict`: zoo in float64, within 1e-10).
-    Gradients; after the optimizer steps, the parameters, the running statistics, and the updates
-    (parameter minus start: a parameter barely moves in three steps, so comparing it whole would
-    hide a wrong update)."""
+    max(1e-5, 2x the farthest of PyTorch fp32's runs `refs32`, `fp32_references`) (`strict`: zoo
+    in float64, within 1e-10). Gradients; after the optimizer steps, the parameters, the running
+    statistics, and the updates (parameter minus start: a parameter barely moves in three steps,
+    so comparing it whole would hide a wrong update)."""
     zero = _vanishing(ref64["grad"])
 
-    def check(what, a64, a32, mine):
+    def check(what, a64, a32s, mine):
         bad = []
         for k in a64:
             err = rel_err(a64[k], mine[k])
-            bar = 1e-10 if strict else max(1e-5, 2 * rel_err(a64[k], a32[k]))
+            bar = 1e-10 if strict else max(1e-5, 2 * max(rel_err(a64[k], a32[k]) for a32 in a32s))
             if err > bar:
                 bad.append(f"{what} {k}: zoo {err:.1e} > {bar:.1e}")
         return bad
@@ -353,7 +369,7 @@ def parity_failures(ref64: dict, ref32: dict, ours: dict, start: dict[str, np.nd
 
     scale = max(np.linalg.norm(g) for g in ref64["grad"].values())
     bad = [f"grad {k}: should vanish" for k in zero if np.linalg.norm(ours["grad"][k]) > 1e-5 * scale]
-    bad += check("grad", without(ref64["grad"], zero), ref32["grad"], ours["grad"])
+    bad += check("grad", without(ref64["grad"], zero), [r["grad"] for r in refs32], ours["grad"])
     weights = [k for k in ref64["grad"] if k not in zero]
     for kind in [k for k in ("sgd", "adamw") if k in ours]:
         # AdamW's fp32 updates are not compared: its first step, ~+-lr for every element whatever
@@ -362,12 +378,14 @@ def parity_failures(ref64: dict, ref32: dict, ours: dict, start: dict[str, np.nd
         # round). Its parameters and statistics are, and a wrong update shows there: three steps
         # move each element by about 3 lr = 3e-4, some 1e-3 of a conv weight's size, 100x the bar.
         if strict or kind == "sgd":
-            delta = {k: {n: d[kind][n] - start[n] for n in weights}
-                     for k, d in (("64", ref64), ("32", ref32), ("z", ours))}
-            bad += check(f"{kind} update", delta["64"], delta["32"], delta["z"])
-        bad += check(f"{kind} param", {n: ref64[kind][n] for n in ref64["grad"]}, ref32[kind], ours[kind])
+            def update(d):
+                return {n: d[kind][n] - start[n] for n in weights}
+
+            bad += check(f"{kind} update", update(ref64), [update(r) for r in refs32], update(ours))
+        bad += check(f"{kind} param", {n: ref64[kind][n] for n in ref64["grad"]}, [r[kind] for r in refs32],
+                     ours[kind])
         stats = {n: v for n, v in ref64[kind].items() if n.endswith(("running_mean", "running_var"))}
-        bad += check(f"{kind} stats", stats, ref32[kind], ours[kind])
+        bad += check(f"{kind} stats", stats, [r[kind] for r in refs32], ours[kind])
     return bad
 
 
@@ -404,12 +422,12 @@ def test_training_matches_pytorch(key, framework, optimizers):
     PyTorch float64 than PyTorch fp32 gets."""
     seed = GRAD_PARITY[key][2]
     model, sd, x, labels = parity_reference(key, seed)
-    ref32 = torch_run(model, x, labels, optimizers=optimizers)
+    refs32 = fp32_references(model, x, labels, optimizers)
     ref64 = torch_run(model, x.astype(np.float64), labels, torch.float64, optimizers=optimizers)
     ours = zoo_run(key, seed, framework, optimizers=optimizers)
     assert set(ours["grad"]) == set(ref64["grad"]) and set(ours["sgd"]) == set(ref64["sgd"])
     assert sum(k.endswith("running_var") for k in ref64["sgd"]) >= (0 if key == "groupnorm" else 10)
-    bad = parity_failures(ref64, ref32, ours, {k: np.asarray(v, np.float64) for k, v in sd.items()})
+    bad = parity_failures(ref64, refs32, ours, {k: np.asarray(v, np.float64) for k, v in sd.items()})
     assert not bad, f"{len(bad)} tensors off: " + "; ".join(bad[:8])
 
 
@@ -425,7 +443,7 @@ def test_training_matches_pytorch_float64(key, framework):
     ref64 = torch_run(model, x.astype(np.float64), labels, torch.float64, optimizers=("sgd",))
     with jax.enable_x64(True):
         ours = zoo_run(key, seed, framework, jnp.float64, optimizers=("sgd",))
-    bad = parity_failures(ref64, ref64, ours, {k: np.asarray(v, np.float64) for k, v in sd.items()}, strict=True)
+    bad = parity_failures(ref64, [ref64], ours, {k: np.asarray(v, np.float64) for k, v in sd.items()}, strict=True)
     assert not bad, f"{len(bad)} tensors off: " + "; ".join(bad[:8])
 
 
