@@ -20,6 +20,8 @@ import zoo.haiku
 from zoo import registry
 from zoo.equinox import BATCH_AXIS
 
+from .conftest import shallow_overrides
+
 CI_MODELS = [n for n in registry.list_models() if registry.get(n).ci]
 # A batch no kernel has as a dimension, so that a transposed tensor with it is a feature map.
 BATCH, H, W = 5, 64, 80
@@ -36,20 +38,13 @@ def _cuda_program(f, *args) -> str:
     return jax.export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
 
 
-def _shallow(arch: str) -> dict:
-    """At most two blocks per stage (the first, with its downsample, and one after it; deeper
-    stages repeat the second's program): a ResNet-152 lowers in a fraction of the time."""
-    layers = getattr(registry.get_spec(arch), "layers", None)
-    return {} if layers is None else {"layers": tuple(min(n, 2) for n in layers)}
-
-
 def _main_output(out):
     return out[0] if isinstance(out, tuple) else out  # GoogLeNet in training: its main logits
 
 
 def _haiku_program(arch: str, training: bool) -> str:
     """The inference forward, or the training-mode gradient of the summed logits."""
-    net = zoo.haiku.create(arch, **_shallow(arch))
+    net = zoo.haiku.create(arch, **shallow_overrides(arch))
     x = jax.ShapeDtypeStruct((BATCH, H, W, 3), jnp.float32)
     params, state = jax.eval_shape(lambda x: net.init(jax.random.key(0), x, is_training=training), x)
 
@@ -60,14 +55,18 @@ def _haiku_program(arch: str, training: bool) -> str:
     return _cuda_program(f, params, state, x)
 
 
-def _equinox_program(arch: str, training: bool) -> str:
-    """As `_haiku_program`, the single-example model vmapped with its batch axis name."""
-    model, state = eqx.filter_eval_shape(zoo.equinox.create, arch, key=jax.random.key(0), **_shallow(arch))
+def _equinox_program(arch: str, training: bool, batched: bool = False) -> str:
+    """As `_haiku_program`, the single-example model vmapped with its batch axis name; `batched`:
+    in inference, the model called on the whole batch, as `zoo.Model.predict` and the evaluation
+    steps call it."""
+    model, state = eqx.filter_eval_shape(zoo.equinox.create, arch, key=jax.random.key(0), **shallow_overrides(arch))
     arrays, static = eqx.partition(model if training else eqx.nn.inference_mode(model), _is_array)
     x = jax.ShapeDtypeStruct((BATCH, 3, H, W), jnp.float32)
 
     def forward(arrays, state, x):
         m = eqx.combine(arrays, static)
+        if batched:
+            return m(x, state)[0]
         keys = jax.random.split(jax.random.key(1), BATCH)
         out, _ = jax.vmap(lambda xi, k, s: m(xi, s, key=k), axis_name=BATCH_AXIS, in_axes=(0, 0, None),
                           out_axes=(0, None))(x, keys, state)
@@ -90,16 +89,18 @@ def _map_transposes(program: str) -> list[tuple[int, ...]]:
 def test_gpu_forward_is_channels_last_without_map_transposes(arch):
     """Both frameworks' inference programs for CUDA: every 2-D convolution reads and writes NHWC,
     the two frameworks have the same convolutions, and no feature map is transposed but Equinox's
-    NCHW input at the entry (its one CHW->HWC transpose)."""
-    haiku, equinox = _haiku_program(arch, False), _equinox_program(arch, False)
-    convs = {name: [c for c in CONV.findall(p) if len(c[0].split(",")) == 4] for name, p in
-             (("haiku", haiku), ("equinox", equinox))}
+    NCHW input at the entry (its one CHW->HWC transpose). Equinox's both ways: vmapped (the
+    user's style) and called on the batch (zoo's predict and evaluation steps)."""
+    programs = {"haiku": _haiku_program(arch, False), "equinox": _equinox_program(arch, False),
+                "equinox batched": _equinox_program(arch, False, batched=True)}
+    convs = {name: [c for c in CONV.findall(p) if len(c[0].split(",")) == 4] for name, p in programs.items()}
     assert convs["haiku"], "no 2-D convolution found: the pattern no longer matches JAX's text"
     for name, found in convs.items():
         assert all(c == ("b, 0, 1, f", "b, 0, 1, f") for c in found), (name, sorted(set(found)))
-    assert len(convs["haiku"]) == len(convs["equinox"])
-    assert _map_transposes(haiku) == []
-    assert _map_transposes(equinox) == [(BATCH, 3, H, W)]
+        assert len(found) == len(convs["haiku"]), name
+    assert _map_transposes(programs["haiku"]) == []
+    assert _map_transposes(programs["equinox"]) == [(BATCH, 3, H, W)]
+    assert _map_transposes(programs["equinox batched"]) == [(BATCH, 3, H, W)]
 
 
 @pytest.mark.parametrize("arch", CI_MODELS)

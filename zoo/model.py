@@ -112,7 +112,6 @@ def make_predict(loaded: Loaded, dtype: Any = jnp.float32) -> Callable[[Array], 
 
     import equinox as eqx
 
-    from .equinox import BATCH_AXIS
     from .equinox.layers import with_hwio_kernels
 
     model, state = loaded.objects
@@ -136,11 +135,10 @@ def make_predict(loaded: Loaded, dtype: Any = jnp.float32) -> Callable[[Array], 
     @functools.partial(_jit.jit, **jit_options())
     def apply_eqx(leaves: list[Array], state: Any, x: Array) -> Array:
         model = eqx.combine(jax.tree_util.tree_unflatten(treedef, leaves), static)
-        # A lambda, not the module itself: JAX names a traced callable without `__code__` by its
-        # str(), which for an Equinox module pretty-prints the whole tree (0.1 s of a ResNet-50's
-        # first call, every process, cached or not).
-        batched = jax.vmap(lambda xi, s: model(xi, s), axis_name=BATCH_AXIS, in_axes=(0, None), out_axes=(0, None))
-        return batched(x, state)[0]
+        # The whole batch in one call, not the vmapped model: in inference mode the layers take a
+        # batch (`zoo.equinox.layers`), and tracing through vmap tripled this function's trace,
+        # which every process pays on its first call, compilation cache or not.
+        return model(x, state)[0]
 
     return functools.partial(apply_eqx, leaves, state)
 

@@ -468,10 +468,11 @@ def batch_norm_train(x: Float[Array, "..."], running_mean: Array, running_var: A
 
 
 def group_norm(x: Float[Array, "..."], groups: int, scale: Array, offset: Array, eps: float,
-               channel_axis: int) -> Array:
-    """PyTorch's GroupNorm of one example (vmap it over a batch): statistics over each group of
-    channels and every other axis, biased variance, computed in float32 (float64 for float64
-    inputs), returned in x's dtype."""
+               channel_axis: int, batch_axes: int = 0) -> Array:
+    """PyTorch's GroupNorm of one example (vmap it over a batch), or of a batch whose examples
+    are the `batch_axes` leading axes: statistics over each group of channels and every other
+    axis, biased variance, computed in float32 (float64 for float64 inputs), returned in x's
+    dtype."""
     ct = stat_dtype(x.dtype)
     # Channels last, split as (groups, channels per group): the statistics then reduce every axis
     # but the group's, and the map is never transposed. Moved to the front instead, the channels
@@ -480,7 +481,7 @@ def group_norm(x: Float[Array, "..."], groups: int, scale: Array, offset: Array,
     g = jnp.moveaxis(x.astype(ct), channel_axis, -1)
     shape = g.shape
     g = g.reshape(*shape[:-1], groups, shape[-1] // groups)
-    axes = (*range(g.ndim - 2), g.ndim - 1)
+    axes = (*range(batch_axes, g.ndim - 2), g.ndim - 1)
     mean = jnp.mean(g, axis=axes, keepdims=True)
     var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
     y = ((g - mean) * jax.lax.rsqrt(var + eps)).reshape(shape) * scale.astype(ct) + offset.astype(ct)

@@ -184,6 +184,10 @@ def _forward(model: Any) -> Forward:
 
         def forward_eqx(m: Any, state: Any, images: Array, key: Optional[PRNGKeyArray], training: bool):
             m = eqx.nn.inference_mode(m, not training)
+            if not training:
+                # The batch in one call (in inference the layers take one: `zoo.equinox.layers`),
+                # whose trace costs a third of the vmapped model's; nothing random runs.
+                return m(images, state)
             keys = None if key is None else jax.random.split(key, images.shape[0])
             batched = jax.vmap(lambda x, s, k: m(x, s, key=k), axis_name=BATCH_AXIS,
                                in_axes=(0, None, None if keys is None else 0), out_axes=(0, None))

@@ -3,7 +3,8 @@ PyTorch's module tree (`model.inception3a.branch2[0].conv.weight` is
 `inception3a.branch2.0.conv.weight`).
 
 The model takes one CHW image but carries its activations channels-last (HWC, so NHWC under
-vmap: see `layers`); the modules here work on HWC maps."""
+vmap: see `layers`); the modules here work on HWC maps, and in inference mode on NHWC batches too
+(`layers`)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from .. import ops
 from ..googlenet import (FEATURE_TAPS, INCEPTION_BLOCKS, TRANSFORM_INPUT, AuxPlan, ConvBNPlan, GoogLeNetOutputs,
                          GoogLeNetPlan, InceptionPlan, PoolPlan)
 from ..spec import PoolSpec
-from .layers import CHANNEL_AXIS, SPATIAL_AXES, BatchNorm, Conv2d, Linear, make_norm, to_chw, to_hwc
+from .layers import CHANNEL_AXIS, BatchNorm, Conv2d, Linear, make_norm, spatial_axes, to_chw, to_hwc
 
 
 class BasicConv2d(eqx.Module):
@@ -31,8 +32,8 @@ class BasicConv2d(eqx.Module):
         self.conv = Conv2d(plan.conv, key=key)
         self.bn = None if plan.norm is None else make_norm(plan.norm)
 
-    def __call__(self, x: Float[Array, "H W C"], state: eqx.nn.State
-                 ) -> tuple[Float[Array, "Ho Wo Co"], eqx.nn.State]:
+    def __call__(self, x: Float[Array, "*batch H W C"], state: eqx.nn.State
+                 ) -> tuple[Float[Array, "*batch Ho Wo Co"], eqx.nn.State]:
         x = self.conv(x)
         if self.bn is not None:
             x, state = self.bn(x, state)
@@ -45,9 +46,9 @@ class MaxPool(eqx.Module):
     def __init__(self, plan: PoolPlan):
         self.pool = plan.pool
 
-    def __call__(self, x: Float[Array, "H W C"], state: eqx.nn.State
-                 ) -> tuple[Float[Array, "Ho Wo C"], eqx.nn.State]:
-        return ops.pool(x, self.pool, SPATIAL_AXES), state
+    def __call__(self, x: Float[Array, "*batch H W C"], state: eqx.nn.State
+                 ) -> tuple[Float[Array, "*batch Ho Wo C"], eqx.nn.State]:
+        return ops.pool(x, self.pool, spatial_axes(x)), state
 
 
 def _sequential(layers: tuple, x: Array, state: eqx.nn.State) -> tuple[Array, eqx.nn.State]:
@@ -69,8 +70,8 @@ class Inception(eqx.Module):
         self.branch3 = (BasicConv2d(plan.branch3[0], key=k3a), BasicConv2d(plan.branch3[1], key=k3b))
         self.branch4 = (MaxPool(plan.branch4[0]), BasicConv2d(plan.branch4[1], key=k4))
 
-    def __call__(self, x: Float[Array, "H W C"], state: eqx.nn.State
-                 ) -> tuple[Float[Array, "H W Co"], eqx.nn.State]:
+    def __call__(self, x: Float[Array, "*batch H W C"], state: eqx.nn.State
+                 ) -> tuple[Float[Array, "*batch H W Co"], eqx.nn.State]:
         b1, state = self.branch1(x, state)
         b2, state = _sequential(self.branch2, x, state)
         b3, state = _sequential(self.branch3, x, state)
@@ -100,12 +101,12 @@ class InceptionAux(eqx.Module):
         self.pool_hw, self.dropout = plan.pool_hw, plan.dropout
         self.inference = False
 
-    def __call__(self, x: Float[Array, "H W C"], state: eqx.nn.State, *,
-                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, " K"], eqx.nn.State]:
-        x = ops.adaptive_avg_pool(x, self.pool_hw, SPATIAL_AXES)
+    def __call__(self, x: Float[Array, "*batch H W C"], state: eqx.nn.State, *,
+                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "*batch K"], eqx.nn.State]:
+        x = ops.adaptive_avg_pool(x, self.pool_hw, spatial_axes(x))
         x, state = self.conv(x, state)
         # fc1's inputs are in PyTorch's flatten order (C, H, W): a small transpose of the 4x4 map.
-        x = ops.relu(self.fc1(to_chw(x).reshape(-1)))
+        x = ops.relu(self.fc1(to_chw(x).reshape(*x.shape[:-3], -1)))
         if not self.inference and self.dropout > 0:
             x = ops.dropout(x, self.dropout, _need_key(key))
         return self.fc2(x).astype(ops.stat_dtype(x.dtype)), state
@@ -174,13 +175,13 @@ class GoogLeNet(eqx.Module):
         self.dtype = dtype
         self.inference = False
 
-    def __call__(self, x: Float[Array, "C H W"], state: eqx.nn.State, *,
+    def __call__(self, x: Float[Array, "*batch C H W"], state: eqx.nn.State, *,
                  key: Optional[PRNGKeyArray] = None
-                 ) -> tuple[Union[Float[Array, " K"], GoogLeNetOutputs, Float[Array, "c h w"], list],
+                 ) -> tuple[Union[Float[Array, "*batch K"], GoogLeNetOutputs, Float[Array, "*batch c h w"], list],
                             eqx.nn.State]:
         out_dtype = ops.stat_dtype(self.dtype)
         if self.transform_input:
-            x = jnp.stack([x[c] * scale + shift for c, (scale, shift) in enumerate(TRANSFORM_INPUT)])
+            x = jnp.stack([x[..., c, :, :] * scale + shift for c, (scale, shift) in enumerate(TRANSFORM_INPUT)], axis=-3)
         # Channels-last inside: XLA's convolutions want NHWC; vmap of a CHW model gives NCHW and
         # a transpose around every conv. One transpose here, and back wherever a map leaves.
         x = to_hwc(x.astype(self.dtype))
@@ -198,7 +199,7 @@ class GoogLeNet(eqx.Module):
         if self.feature_taps is not None:
             return [to_chw(features[t]).astype(out_dtype) for t in self.feature_taps], state
         if self.global_pool:
-            x = ops.global_avg_pool(x, SPATIAL_AXES)
+            x = ops.global_avg_pool(x, spatial_axes(x))
         else:
             x = to_chw(x)  # the unpooled map is returned (CHW), dropout's mask drawn over it as before
         if not self.inference and self.dropout > 0:

@@ -6,6 +6,12 @@ HWC feature maps; the models take and give CHW (PyTorch's layout) and transpose 
 and wherever a map leaves them. Weights keep PyTorch's layouts (conv OIHW): the convolution's
 dimension numbers say so, and XLA lays the kernel out as it likes.
 
+In inference mode the layers (and the models) also take a batch with a leading axis, (N, H, W, C)
+(the models (N, C, H, W)), and give what the vmapped model gives: `zoo.Model.predict` and the
+evaluation steps call the model so, because tracing through `jax.vmap` cost an Equinox predict's
+first call in every process three times Haiku's trace (docs/benchmarks.md). Training mode needs
+the vmap: its BatchNorm statistics are taken across the vmapped axis.
+
 Field names mirror PyTorch (`weight`, `bias`, running statistics in an `eqx.nn.State`), so a
 model's tree paths are its PyTorch names. Parameters are float32 whatever the compute dtype.
 """
@@ -26,21 +32,35 @@ from ..spec import BlurSpec, Conv1dSpec, ConvSpec, LinearSpec, NormSpec
 
 MOMENTUM = 0.1
 BATCH_AXIS = "batch"
-# Per-example layout inside the models: (H, W, C).
-SPATIAL_AXES = (0, 1)
+# Per-example layout inside the models: (H, W, C), after any leading batch axis.
 CHANNEL_AXIS = -1
 # Activations NHWC under vmap, the kernel as PyTorch stores it.
 CONV_DIMS = ("NHWC", "OIHW", "NHWC")
 
 
-def to_hwc(x: Float[Array, "C H W"]) -> Float[Array, "H W C"]:
+def spatial_axes(x: Float[Array, "*batch H W C"]) -> tuple[int, int]:
+    """The (H, W) axes of a map, one example or a batch (counted from the front: zoo's ops index
+    shapes and windows by non-negative axes)."""
+    return x.ndim - 3, x.ndim - 2
+
+
+def to_hwc(x: Float[Array, "*batch C H W"]) -> Float[Array, "*batch H W C"]:
     """A model's CHW input, channels-last for the layers (the one transpose at the entry)."""
-    return jnp.transpose(x, (1, 2, 0))
+    return jnp.moveaxis(x, -3, -1)
 
 
-def to_chw(x: Float[Array, "H W C"]) -> Float[Array, "C H W"]:
+def to_chw(x: Float[Array, "*batch H W C"]) -> Float[Array, "*batch C H W"]:
     """A feature map leaving a model, back in PyTorch's CHW."""
-    return jnp.transpose(x, (2, 0, 1))
+    return jnp.moveaxis(x, -1, -3)
+
+
+def _batched(f, x: Array, n_axes: int) -> Array:
+    """`f` of a batch, given one example of `n_axes` axes or a batch of them: a single example is
+    given a batch of one (`lax`, not indexing: `x[None]` is a jitted wrapper that vmap traces
+    again at every layer)."""
+    if x.ndim > n_axes:
+        return f(x)
+    return jax.lax.squeeze(f(jax.lax.expand_dims(x, (0,))), (0,))
 
 
 def _init_key(key: PRNGKeyArray) -> PRNGKeyArray:
@@ -80,13 +100,15 @@ class Conv2d(eqx.Module):
         self.kernel_size, self.stride, self.padding = spec.kernel, spec.stride, spec.padding
         self.dilation, self.groups = spec.dilation, spec.groups
 
-    def __call__(self, x: Float[Array, "H W C"]) -> Float[Array, "Ho Wo O"]:
+    def __call__(self, x: Float[Array, "*batch H W C"]) -> Float[Array, "*batch Ho Wo O"]:
         return self._conv(x, CONV_DIMS)
 
-    def _conv(self, x: Float[Array, "H W C"], dims: tuple[str, str, str]) -> Float[Array, "Ho Wo O"]:
-        y = ops.conv2d(x[None], self.weight, self.bias, stride=self.stride, padding=self.padding,
-                       dilation=self.dilation, groups=self.groups, dimension_numbers=dims)
-        return y[0]
+    def _conv(self, x: Float[Array, "*batch H W C"], dims: tuple[str, str, str]) -> Float[Array, "*batch Ho Wo O"]:
+        def conv(xb: Array) -> Array:
+            return ops.conv2d(xb, self.weight, self.bias, stride=self.stride, padding=self.padding,
+                              dilation=self.dilation, groups=self.groups, dimension_numbers=dims)
+
+        return _batched(conv, x, 3)
 
 
 class _HWIOConv2d(Conv2d):
@@ -101,7 +123,7 @@ class _HWIOConv2d(Conv2d):
         self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
 
-    def __call__(self, x: Float[Array, "H W C"]) -> Float[Array, "Ho Wo O"]:
+    def __call__(self, x: Float[Array, "*batch H W C"]) -> Float[Array, "*batch Ho Wo O"]:
         return self._conv(x, (CONV_DIMS[0], "HWIO", CONV_DIMS[2]))
 
 
@@ -125,14 +147,14 @@ class BatchNorm(eqx.Module):
         self.state_index = eqx.nn.StateIndex((jnp.zeros((c,), jnp.float32), jnp.ones((c,), jnp.float32)))
         self.eps, self.axis_name, self.inference = spec.eps, axis_name, inference
 
-    def __call__(self, x: Float[Array, "H W C"], state: eqx.nn.State
-                 ) -> tuple[Float[Array, "H W C"], eqx.nn.State]:
+    def __call__(self, x: Float[Array, "*batch H W C"], state: eqx.nn.State
+                 ) -> tuple[Float[Array, "*batch H W C"], eqx.nn.State]:
         running_mean, running_var = state.get(self.state_index)
         if self.inference:
             return ops.batch_norm_eval(x, running_mean, running_var, self.weight, self.bias, eps=self.eps,
                                        channel_axis=CHANNEL_AXIS), state
         y, new_mean, new_var = ops.batch_norm_train(
-            x, running_mean, running_var, self.weight, self.bias, axes=SPATIAL_AXES, axis_name=self.axis_name,
+            x, running_mean, running_var, self.weight, self.bias, axes=spatial_axes(x), axis_name=self.axis_name,
             eps=self.eps, channel_axis=CHANNEL_AXIS, momentum=MOMENTUM)
         return y, state.set(self.state_index, (new_mean, new_var))
 
@@ -148,9 +170,10 @@ class GroupNorm(eqx.Module):
         self.bias = jnp.zeros((spec.channels,), jnp.float32)
         self.groups, self.eps = spec.groups, spec.eps
 
-    def __call__(self, x: Float[Array, "H W C"], state: eqx.nn.State
-                 ) -> tuple[Float[Array, "H W C"], eqx.nn.State]:
-        return ops.group_norm(x, self.groups, self.weight, self.bias, self.eps, channel_axis=CHANNEL_AXIS), state
+    def __call__(self, x: Float[Array, "*batch H W C"], state: eqx.nn.State
+                 ) -> tuple[Float[Array, "*batch H W C"], eqx.nn.State]:
+        return ops.group_norm(x, self.groups, self.weight, self.bias, self.eps, channel_axis=CHANNEL_AXIS,
+                              batch_axes=x.ndim - 3), state
 
 
 def make_norm(spec: NormSpec):
@@ -168,8 +191,11 @@ class Linear(eqx.Module):
         self.weight = uniform_init(wkey, (spec.out_features, spec.in_features), bound)
         self.bias = uniform_init(bkey, (spec.out_features,), bound)
 
-    def __call__(self, x: Float[Array, " I"]) -> Float[Array, " O"]:
-        return self.weight.astype(x.dtype) @ x + self.bias.astype(x.dtype)
+    def __call__(self, x: Float[Array, "*batch I"]) -> Float[Array, "*batch O"]:
+        # x's features against the kernel's (out, in) rows, read in place: (..., O) out, with no
+        # transpose of the result (vmap of `weight @ x` gave (O, N) and moved it).
+        y = jax.lax.dot_general(x, self.weight.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())))
+        return y + self.bias.astype(x.dtype)
 
 
 class ReLU(eqx.Module):
@@ -194,9 +220,9 @@ class Conv1d(eqx.Module):
         self.bias = uniform_init(bkey, (spec.out_ch,), bound) if spec.bias else None
         self.padding = spec.padding
 
-    def __call__(self, x: Float[Array, "C L"]) -> Float[Array, "O L"]:
-        return ops.conv1d(x[None], self.weight, self.bias, padding=self.padding,
-                          dimension_numbers=("NCW", "OIW", "NCW"))[0]
+    def __call__(self, x: Float[Array, "*batch C L"]) -> Float[Array, "*batch O L"]:
+        return _batched(lambda xb: ops.conv1d(xb, self.weight, self.bias, padding=self.padding,
+                                              dimension_numbers=("NCW", "OIW", "NCW")), x, 2)
 
 
 # The modules whose `weight` is a kernel (decayed in training), unlike a norm's scale.
@@ -275,8 +301,8 @@ class BlurPool(eqx.Module):
 
     spec: BlurSpec = eqx.field(static=True)
 
-    def __call__(self, x: Float[Array, "H W C"], state: eqx.nn.State) -> tuple[Float[Array, "Ho Wo C"], eqx.nn.State]:
+    def __call__(self, x: Float[Array, "*batch H W C"], state: eqx.nn.State
+                 ) -> tuple[Float[Array, "*batch Ho Wo C"], eqx.nn.State]:
         s = self.spec
-        y = ops.blur_pool(x[None], s.filter(), stride=s.stride, padding=s.padding, pad_mode=s.pad_mode,
-                          dimension_numbers=CONV_DIMS)
-        return y[0], state
+        return _batched(lambda xb: ops.blur_pool(xb, s.filter(), stride=s.stride, padding=s.padding,
+                                                 pad_mode=s.pad_mode, dimension_numbers=CONV_DIMS), x, 3), state

@@ -6,7 +6,8 @@ Attribute paths mirror PyTorch's module tree (`model.layer1[0].se.fc1.weight` is
 folded norm leaves None in its slot.
 
 The model takes one CHW image but carries its activations channels-last (HWC, so NHWC under
-vmap: see `layers`); every block and layer here works on HWC maps.
+vmap: see `layers`); every block and layer here works on HWC maps, and in inference mode on NHWC
+batches too (`layers`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .. import ops
 from ..spec import (ActSpec, AttnSpec, BlockPlan, BlurSpec, ConvSpec, DropBlockSpec, NormSpec, PoolSpec,
                     ResNetPlan)
-from .layers import (BATCH_AXIS, CHANNEL_AXIS, SPATIAL_AXES, BatchNorm, BlurPool, Conv1d, Conv2d, GroupNorm,
-                     Linear, ReLU, make_norm, to_chw, to_hwc)
+from .layers import (BATCH_AXIS, CHANNEL_AXIS, BatchNorm, BlurPool, Conv1d, Conv2d, GroupNorm, Linear, ReLU,
+                     make_norm, spatial_axes, to_chw, to_hwc)
 
 Norm = Union[BatchNorm, GroupNorm]
 State = eqx.nn.State
@@ -64,7 +65,7 @@ class Pool(eqx.Module):
     spec: PoolSpec = eqx.field(static=True)
 
     def __call__(self, x: Array, state: State) -> tuple[Array, State]:
-        return ops.pool(x, self.spec, SPATIAL_AXES), state
+        return ops.pool(x, self.spec, spatial_axes(x)), state
 
 
 def _aa_module(spec: Optional[Union[PoolSpec, BlurSpec]]) -> Optional[Union[Pool, BlurPool]]:
@@ -79,7 +80,7 @@ def _drop_block(spec: Optional[DropBlockSpec], inference: bool, x: Array,
         return x
     # The survivors' rescaling counts the whole (vmapped) batch, as timm's does.
     return ops.drop_block(x, rate=spec.rate, block_size=spec.block_size, gamma_scale=spec.gamma_scale,
-                          key=_need_key(key), spatial_axes=SPATIAL_AXES, channel_axis=CHANNEL_AXIS,
+                          key=_need_key(key), spatial_axes=spatial_axes(x), channel_axis=CHANNEL_AXIS,
                           axis_name=BATCH_AXIS)
 
 
@@ -99,8 +100,8 @@ class SqueezeExcite(eqx.Module):
         k1, k2 = jax.random.split(key)
         self.fc1, self.fc2 = Conv2d(spec.fc1, key=k1), Conv2d(spec.fc2, key=k2)
 
-    def __call__(self, x: Float[Array, "H W C"]) -> Float[Array, "H W C"]:
-        s = jnp.mean(x, axis=SPATIAL_AXES, keepdims=True)
+    def __call__(self, x: Float[Array, "*batch H W C"]) -> Float[Array, "*batch H W C"]:
+        s = jnp.mean(x, axis=spatial_axes(x), keepdims=True)
         return x * jax.nn.sigmoid(self.fc2(ops.relu(self.fc1(s))))
 
 
@@ -112,10 +113,10 @@ class EcaModule(eqx.Module):
     def __init__(self, spec: AttnSpec, *, key: PRNGKeyArray):
         self.conv = Conv1d(spec.conv, key=key)
 
-    def __call__(self, x: Float[Array, "H W C"]) -> Float[Array, "H W C"]:
-        # The pooled channels are the conv's length axis, with one feature.
-        y = self.conv(jnp.mean(x, axis=SPATIAL_AXES)[None])[0]
-        return x * jax.nn.sigmoid(y)
+    def __call__(self, x: Float[Array, "*batch H W C"]) -> Float[Array, "*batch H W C"]:
+        # The pooled channels are the conv's length axis, with one feature: (..., 1, C).
+        y = self.conv(jnp.expand_dims(jnp.mean(x, axis=spatial_axes(x)), -2))
+        return x * jax.nn.sigmoid(jnp.expand_dims(y, -2))  # (..., 1, 1, C) over the map
 
 
 def _attn_module(spec: Optional[AttnSpec], key: PRNGKeyArray) -> Optional[Union[SqueezeExcite, EcaModule]]:
@@ -149,8 +150,8 @@ class ConvNormAct(eqx.Module):
         self.conv, self.bn = Conv2d(conv, key=key), _norm_or_none(norm)
         self.act, self.drop_block, self.inference = act, drop_block, False
 
-    def __call__(self, x: Float[Array, "H W C"], state: State, *,
-                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "Ho Wo O"], State]:
+    def __call__(self, x: Float[Array, "*batch H W C"], state: State, *,
+                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "*batch Ho Wo O"], State]:
         x, state = _apply_norm(self.bn, self.conv(x), state)
         x = _drop_block(self.drop_block, self.inference, x, key)
         return (ops.relu(x) if self.act else x), state
@@ -177,19 +178,19 @@ class SplitAttn(eqx.Module):
         self.fc2 = Conv2d(plan.conv("conv2.fc2"), key=next(keys))
         self.radix, self.groups, self.drop_block, self.inference = plan.radix, plan.groups, plan.drop_block, False
 
-    def __call__(self, x: Float[Array, "H W C"], state: State, *,
-                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "Ho Wo C"], State]:
+    def __call__(self, x: Float[Array, "*batch H W C"], state: State, *,
+                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "*batch Ho Wo C"], State]:
         r = self.radix
         x, state = _apply_norm(self.bn0, self.conv(x), state)
         x = ops.relu(_drop_block(self.drop_block, self.inference, x, key))
-        h, w, rc = x.shape
-        splits = x.reshape(h, w, r, rc // r)  # PyTorch's (radix, C) channel order
-        gap = jnp.sum(splits, axis=2) if r > 1 else x
-        gap, state = _apply_norm(self.bn1, self.fc1(jnp.mean(gap, axis=SPATIAL_AXES, keepdims=True)), state)
-        attn = ops.radix_softmax(self.fc2(ops.relu(gap))[0, 0], r, self.groups)
+        rc = x.shape[-1]
+        splits = x.reshape(*x.shape[:-1], r, rc // r)  # PyTorch's (radix, C) channel order
+        gap = jnp.sum(splits, axis=-2) if r > 1 else x
+        gap, state = _apply_norm(self.bn1, self.fc1(jnp.mean(gap, axis=spatial_axes(x), keepdims=True)), state)
+        attn = ops.radix_softmax(self.fc2(ops.relu(gap)), r, self.groups)  # (..., 1, 1, C)
         if r == 1:
             return x * attn, state
-        return jnp.sum(splits * attn.reshape(r, rc // r), axis=2), state
+        return jnp.sum(splits * attn.reshape(*attn.shape[:-1], r, rc // r), axis=-2), state
 
 
 class SelectiveKernelAttn(eqx.Module):
@@ -205,10 +206,10 @@ class SelectiveKernelAttn(eqx.Module):
         self.fc_select = Conv2d(plan.conv(f"{sk}.attn.fc_select"), key=k2)
         self.paths = plan.sk_paths
 
-    def __call__(self, x: Float[Array, "H W C"], state: State) -> tuple[Float[Array, "1 1 P C"], State]:
-        s, state = _apply_norm(self.bn, self.fc_reduce(jnp.mean(x, axis=SPATIAL_AXES, keepdims=True)), state)
+    def __call__(self, x: Float[Array, "*batch H W C"], state: State) -> tuple[Float[Array, "*batch 1 1 P C"], State]:
+        s, state = _apply_norm(self.bn, self.fc_reduce(jnp.mean(x, axis=spatial_axes(x), keepdims=True)), state)
         s = self.fc_select(ops.relu(s))
-        return jax.nn.softmax(s.reshape(1, 1, self.paths, -1), axis=2), state
+        return jax.nn.softmax(s.reshape(*s.shape[:-1], self.paths, -1), axis=-2), state
 
 
 class SelectiveKernel(eqx.Module):
@@ -227,17 +228,17 @@ class SelectiveKernel(eqx.Module):
         self.attn = SelectiveKernelAttn(plan, sk, key=next(keys))
         self.split_input = plan.split_input
 
-    def __call__(self, x: Float[Array, "H W C"], state: State, *,
-                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "Ho Wo O"], State]:
+    def __call__(self, x: Float[Array, "*batch H W C"], state: State, *,
+                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "*batch Ho Wo O"], State]:
         n = len(self.paths)
         inputs = jnp.split(x, n, axis=CHANNEL_AXIS) if self.split_input else [x] * n
         outs = []
         for path, xi, k in zip(self.paths, inputs, _split(key, n)):
             y, state = path(xi, state, key=k)
             outs.append(y)
-        stacked = jnp.stack(outs, axis=2)  # (H, W, paths, C)
-        attn, state = self.attn(jnp.sum(stacked, axis=2), state)
-        return jnp.sum(stacked * attn, axis=2), state
+        stacked = jnp.stack(outs, axis=-2)  # (..., H, W, paths, C)
+        attn, state = self.attn(jnp.sum(stacked, axis=-2), state)
+        return jnp.sum(stacked * attn, axis=-2), state
 
 
 def _downsample(plan: BlockPlan, key: PRNGKeyArray) -> Optional[tuple]:
@@ -280,8 +281,8 @@ class Block(eqx.Module):
         self.downsample = _downsample(plan, next(keys))
         self.drop_path, self.drop_block, self.inference = plan.drop_path, plan.drop_block, False
 
-    def __call__(self, x: Float[Array, "H W C"], state: State, *,
-                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "Ho Wo O"], State]:
+    def __call__(self, x: Float[Array, "*batch H W C"], state: State, *,
+                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "*batch Ho Wo O"], State]:
         k_block, k_path = _split(key, 2)
         shortcut = x
         x, state = _apply_norm(self.bn1, self.conv1(x), state)
@@ -326,8 +327,8 @@ class Bottle2neck(eqx.Module):
         self.downsample = _downsample(plan, next(keys))
         self.scale, self.drop_path, self.drop_block, self.inference = plan.scale, plan.drop_path, plan.drop_block, False
 
-    def __call__(self, x: Float[Array, "H W C"], state: State, *,
-                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "Ho Wo O"], State]:
+    def __call__(self, x: Float[Array, "*batch H W C"], state: State, *,
+                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "*batch Ho Wo O"], State]:
         k_block, k_path = _split(key, 2)
         out, state = _apply_norm(self.bn1, self.conv1(x), state)
         spx = jnp.split(ops.relu(out), self.scale, axis=CHANNEL_AXIS)
@@ -373,8 +374,8 @@ class ResNestBottleneck(eqx.Module):
         self.downsample = _downsample(plan, next(keys))
         self.drop_path, self.inference = plan.drop_path, False
 
-    def __call__(self, x: Float[Array, "H W C"], state: State, *,
-                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "Ho Wo O"], State]:
+    def __call__(self, x: Float[Array, "*batch H W C"], state: State, *,
+                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "*batch Ho Wo O"], State]:
         k_block, k_path = _split(key, 2)
         out, state = _apply_norm(self.bn1, self.conv1(x), state)
         out, state = _sequential(self.avd_first, ops.relu(out), state)
@@ -404,8 +405,8 @@ class SelectiveKernelBasic(eqx.Module):
         self.downsample = _downsample(plan, next(keys))
         self.drop_path, self.inference = plan.drop_path, False
 
-    def __call__(self, x: Float[Array, "H W C"], state: State, *,
-                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "Ho Wo O"], State]:
+    def __call__(self, x: Float[Array, "*batch H W C"], state: State, *,
+                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "*batch Ho Wo O"], State]:
         k_block, k_path = _split(key, 2)
         out, state = self.conv1(x, state, key=k_block)
         out, state = self.conv2(out, state)
@@ -431,8 +432,8 @@ class SelectiveKernelBottleneck(eqx.Module):
         self.downsample = _downsample(plan, next(keys))
         self.drop_path, self.inference = plan.drop_path, False
 
-    def __call__(self, x: Float[Array, "H W C"], state: State, *,
-                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "Ho Wo O"], State]:
+    def __call__(self, x: Float[Array, "*batch H W C"], state: State, *,
+                 key: Optional[PRNGKeyArray] = None) -> tuple[Float[Array, "*batch Ho Wo O"], State]:
         k_block, k_path = _split(key, 2)
         out, state = self.conv1(x, state)
         out, state = self.conv2(out, state, key=k_block)
@@ -514,9 +515,10 @@ class ResNet(eqx.Module):
         self.global_pool = plan.global_pool
         self.inference = False
 
-    def __call__(self, x: Float[Array, "C H W"], state: State, *,
+    def __call__(self, x: Float[Array, "*batch C H W"], state: State, *,
                  key: Optional[PRNGKeyArray] = None
-                 ) -> tuple[Union[Float[Array, " K"], Float[Array, "c h w"], list[Float[Array, "c h w"]]], State]:
+                 ) -> tuple[Union[Float[Array, "*batch K"], Float[Array, "*batch c h w"],
+                                  list[Float[Array, "*batch c h w"]]], State]:
         out_dtype = ops.stat_dtype(self.dtype)
         # Channels-last inside: XLA's convolutions want NHWC; vmap of a CHW model gives NCHW and
         # a transpose around every conv. One transpose here, and back wherever a map leaves.
@@ -538,7 +540,7 @@ class ResNet(eqx.Module):
         if self.out_indices is not None:
             return [to_chw(features[j]).astype(out_dtype) for j in self.out_indices], state
         if self.global_pool:
-            x = ops.global_avg_pool(x, SPATIAL_AXES)
+            x = ops.global_avg_pool(x, spatial_axes(x))
         else:
             x = to_chw(x)  # the unpooled map is returned (CHW), dropout's mask drawn over it as before
         if not self.inference and self.drop_rate > 0:

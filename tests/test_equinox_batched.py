@@ -1,0 +1,92 @@
+"""Equinox models in inference mode called on a whole batch give what the vmapped model gives.
+
+`zoo.Model.predict` (so `zoo verify` and every parity test) and `zoo.training`'s evaluation steps
+call the Equinox model on the (N, C, H, W) batch, not through `jax.vmap`: tracing through vmap
+tripled the trace that every process pays on its first call. A user's code vmaps the
+single-example model. Both must compute the same function, for every kind of block and head."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import zoo.equinox
+import zoo.training as zt
+from zoo import registry
+from zoo.equinox import BATCH_AXIS
+
+from .conftest import shallow_overrides
+
+CI_MODELS = [n for n in registry.list_models() if registry.get(n).ci]
+# (arch, overrides) for the other outputs: pooled features, the unpooled map, feature maps.
+# (GoogLeNet's leave its trunk through the same `to_chw` and pooling.)
+HEADS = [("resnet18", dict(num_classes=0)), ("resnet18", dict(num_classes=0, global_pool="")),
+         ("resnet18", dict(features_only=True))]
+
+
+def _randomised(arch: str, **overrides):
+    """A model in inference mode with random kernels and, so that no norm is an identity, random
+    norm scales, offsets, biases and running statistics; drawn by NumPy into the model's
+    PyTorch-named arrays (a random initialisation compiles a program per architecture)."""
+    plan = registry.get_spec(arch, **overrides).plan(False)
+    model_t, state_t = zoo.equinox.template(plan)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for name, leaf in zoo.equinox.named_arrays(model_t, state_t).items():
+        shape = leaf.shape
+        if len(shape) > 1:  # kernels, fan-in scaled
+            a = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
+        elif name.endswith(("running_var", "weight")):  # variances and norm scales
+            a = rng.uniform(0.5, 1.5, shape)
+        else:
+            a = 0.2 * rng.standard_normal(shape)
+        arrays[name] = a.astype(np.float32)
+    model, state = zoo.equinox.from_named_arrays(model_t, arrays)
+    return eqx.nn.inference_mode(model), state
+
+
+def _vmapped(model, state, x):
+    return jax.vmap(lambda xi: model(xi, state)[0], axis_name=BATCH_AXIS)(x)
+
+
+def _assert_same(batched, vmapped):
+    b_leaves, v_leaves = jax.tree_util.tree_leaves(batched), jax.tree_util.tree_leaves(vmapped)
+    assert jax.tree_util.tree_structure(batched) == jax.tree_util.tree_structure(vmapped)
+    for b, v in zip(b_leaves, v_leaves):
+        assert b.shape == v.shape
+        scale = float(jnp.max(jnp.abs(v)))
+        assert scale > 0
+        np.testing.assert_allclose(np.asarray(b), np.asarray(v), rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("arch,overrides", [(a, {}) for a in CI_MODELS] + HEADS,
+                         ids=[a for a in CI_MODELS] + [f"{a}-{'-'.join(f'{k}={v}' for k, v in o.items())}"
+                                                       for a, o in HEADS])
+def test_batched_inference_is_the_vmapped_model(arch, overrides):
+    model, state = _randomised(arch, **shallow_overrides(arch), **overrides)
+    # Odd, non-square, and a batch no other axis has.
+    x = jax.random.normal(jax.random.key(2), (3, 3, 45, 61))
+    batched = eqx.filter_jit(lambda m, s, x: m(x, s)[0])(model, state, x)
+    _assert_same(batched, eqx.filter_jit(_vmapped)(model, state, x))
+
+
+def test_eval_step_calls_the_batch_and_matches_vmap():
+    """`make_eval_step` on an Equinox model: the logits-based metrics of the vmapped model."""
+    model, state = _randomised("resnet18", **shallow_overrides("resnet18"), num_classes=7)
+    x = jax.random.normal(jax.random.key(2), (4, 3, 33, 47))
+    labels = jnp.array([0, 3, 6, 2])
+    model = eqx.nn.inference_mode(model, False)  # as a training state holds it
+    metrics = zt.make_eval_step(model)((model, state), x, labels)
+    logits = eqx.filter_jit(_vmapped)(eqx.nn.inference_mode(model), state, x)
+    _assert_same(metrics["logits"], logits)
+    loss, _ = zt.classification_loss(logits, labels)
+    np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
+
+
+def test_training_mode_still_needs_the_vmap():
+    """A batch given to the model in training mode is refused (its BatchNorm statistics are taken
+    across the vmapped axis), not silently normalised per example."""
+    model, state = _randomised("resnet18", **shallow_overrides("resnet18"))
+    with pytest.raises(NameError):
+        eqx.nn.inference_mode(model, False)(jnp.zeros((2, 3, 32, 32)), state)
