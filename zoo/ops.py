@@ -431,16 +431,24 @@ def normalize(x: Array, mean: Array, var: Array, scale: Array, offset: Array, ep
               channel_axis: int) -> Array:
     """(x - mean) / sqrt(var + eps) * scale + offset, computed in float32 (float64 for float64
     inputs), returned in x's dtype."""
-    shape = [1] * x.ndim
-    shape[channel_axis] = -1
+    # `lax`, not `jnp` (the same operations): jnp's arithmetic is jitted wrappers, each traced
+    # anew for every shape, and a model's first trace met dozens of BatchNorm shapes (an Equinox
+    # GoogLeNet predict: half its trace; docs/benchmarks.md).
+    lax = jax.lax
     ct = stat_dtype(x.dtype)
-    inv = jax.lax.rsqrt(var.astype(ct) + eps) * scale.astype(ct)
+    axis = channel_axis % x.ndim
+
+    def per_channel(v: Array) -> Array:
+        return lax.broadcast_in_dim(lax.convert_element_type(v, ct), x.shape, (axis,))
+
+    inv = lax.mul(lax.rsqrt(lax.add(lax.convert_element_type(var, ct), np.array(eps, ct))),
+                  lax.convert_element_type(scale, ct))
     # The mean is subtracted first: the fused x * inv + (offset - mean * inv) cancels where
     # |mean| >> std (a nearly constant input, e.g. pooled attention features), and then loses
     # more than PyTorch's own kernel does; this order loses nothing there.
-    centred = x.astype(ct) - mean.astype(ct).reshape(shape)
-    y = centred * inv.reshape(shape) + offset.astype(ct).reshape(shape)
-    return y.astype(x.dtype)
+    centred = lax.sub(lax.convert_element_type(x, ct), per_channel(mean))
+    y = lax.add(lax.mul(centred, per_channel(inv)), per_channel(offset))
+    return lax.convert_element_type(y, x.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "channel_axis"))
