@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import equinox as eqx
 import jax
@@ -54,7 +54,7 @@ def to_chw(x: Float[Array, "*batch H W C"]) -> Float[Array, "*batch C H W"]:
     return jnp.moveaxis(x, -1, -3)
 
 
-def _batched(f, x: Array, n_axes: int) -> Array:
+def _batched(f: Callable[[Array], Array], x: Array, n_axes: int) -> Array:
     """`f` of a batch, given one example of `n_axes` axes or a batch of them: a single example is
     given a batch of one (`lax`, not indexing: `x[None]` is a jitted wrapper that vmap traces
     again at every layer)."""
