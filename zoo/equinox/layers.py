@@ -9,7 +9,8 @@ dimension numbers say so, and XLA lays the kernel out as it likes.
 In inference mode the layers (and the models) also take a batch with a leading axis, (N, H, W, C)
 (the models (N, C, H, W)), and give what the vmapped model gives: `zoo.Model.predict` and the
 evaluation steps call the model so, because tracing through `jax.vmap` cost an Equinox predict's
-first call in every process three times Haiku's trace (docs/benchmarks.md). Training mode needs
+first call in every process four times Haiku's trace (ResNet-50: 0.27 against 0.07 s; batched
+0.10 s; docs/benchmarks.md). Training mode needs
 the vmap: its BatchNorm statistics are taken across the vmapped axis.
 
 Field names mirror PyTorch (`weight`, `bias`, running statistics in an `eqx.nn.State`), so a
