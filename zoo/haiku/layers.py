@@ -94,7 +94,7 @@ class Norm(hk.Module):
         scale = hk.get_parameter("scale", (s.channels,), jnp.float32, jnp.ones)
         offset = hk.get_parameter("offset", (s.channels,), jnp.float32, jnp.zeros)
         if s.kind == "groupnorm":
-            return jax.vmap(lambda xi: ops.group_norm(xi, s.groups, scale, offset, s.eps, channel_axis=-1))(x)
+            return ops.group_norm(x, s.groups, scale, offset, s.eps, channel_axis=-1, batch_axes=1)
         running_mean = hk.get_state("mean", (s.channels,), jnp.float32, jnp.zeros)
         running_var = hk.get_state("var", (s.channels,), jnp.float32, jnp.ones)
         if is_training:
