@@ -90,6 +90,13 @@ def close_to_float64(ref64, ref32, out, floor: float = 1e-5):
     return ours <= max(floor, 1.5 * theirs), (ours, theirs)
 
 
+def ci_models() -> list[str]:
+    """The registry's CI models (`registry.get(name).ci`); the slow tests take every model."""
+    from zoo import registry
+
+    return [n for n in registry.list_models() if registry.get(n).ci]
+
+
 def shallow_overrides(arch: str) -> dict:
     """Overrides giving at most two blocks per stage (the first, with its downsample, and one
     after it; deeper stages repeat the second's program): a ResNet-152 traces and compiles in a
@@ -98,3 +105,15 @@ def shallow_overrides(arch: str) -> dict:
 
     layers = getattr(registry.get_spec(arch), "layers", None)
     return {} if layers is None else {"layers": tuple(min(n, 2) for n in layers)}
+
+
+def shallow_ci_models() -> list:
+    """The CI models at `shallow_overrides`, one per distinct spec: at two blocks per stage
+    resnet50, resnet101 and resnet152 are one model, as are the two wide ResNets. Parameters
+    `arch`, with ids naming every model a case stands for."""
+    from zoo import registry
+
+    cases: dict[str, list[str]] = {}
+    for name in ci_models():
+        cases.setdefault(repr(registry.get_spec(name, **shallow_overrides(name))), []).append(name)
+    return [pytest.param(names[0], id="+".join(names)) for names in cases.values()]

@@ -1,5 +1,6 @@
 """The Python API: creating models, mixed precision, and a light `import zoo`."""
 
+import functools
 import subprocess
 import sys
 
@@ -67,22 +68,26 @@ def test_folded_models_have_no_batchnorm():
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("framework", ["haiku", "equinox"])
 def test_mixed_precision_keeps_float32_parameters(framework, dtype):
+    # Jitted, as training runs: eagerly, every operation compiled a program per shape and dtype
+    # (22 s a case on 2 cores).
     x = jax.random.normal(jax.random.key(1), (2, 3, 48, 56))
     if framework == "haiku":
         net32 = zoo.haiku.create("resnet18")
         params, state = net32.init(jax.random.key(0), x.transpose(0, 2, 3, 1), is_training=False)
         low = zoo.haiku.create("resnet18", dtype=dtype)
-        ref, _ = net32.apply(params, state, None, x.transpose(0, 2, 3, 1), is_training=False)
-        out, new_state = low.apply(params, state, None, x.transpose(0, 2, 3, 1), is_training=True)
-        out, _ = low.apply(params, state, None, x.transpose(0, 2, 3, 1), is_training=False)
+        apply = lambda net, training: jax.jit(functools.partial(net.apply, is_training=training))  # noqa: E731
+        ref, _ = apply(net32, False)(params, state, None, x.transpose(0, 2, 3, 1))
+        out, new_state = apply(low, True)(params, state, None, x.transpose(0, 2, 3, 1))
+        out, _ = apply(low, False)(params, state, None, x.transpose(0, 2, 3, 1))
         leaves = jax.tree_util.tree_leaves((params, new_state))
     else:
         model, state = zoo.equinox.create("resnet18", key=jax.random.key(0))
         low, _ = zoo.equinox.create("resnet18", key=jax.random.key(0), dtype=dtype)
-        run = lambda m: jax.vmap(eqx.nn.inference_mode(m), axis_name="batch", in_axes=(0, None),  # noqa: E731
-                                 out_axes=(0, None))(x, state)[0]
+        run = eqx.filter_jit(lambda m: jax.vmap(eqx.nn.inference_mode(m), axis_name="batch", in_axes=(0, None),
+                                                out_axes=(0, None))(x, state)[0])
         ref, out = run(model), run(low)
-        _, new_state = jax.vmap(low, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
+        _, new_state = eqx.filter_jit(lambda m: jax.vmap(m, axis_name="batch", in_axes=(0, None),
+                                                         out_axes=(0, None))(x, state))(low)
         leaves = [l for l in jax.tree_util.tree_leaves((low, new_state)) if eqx.is_array(l)]
     assert out.dtype == jnp.float32  # logits come back in float32
     assert all(leaf.dtype == jnp.float32 for leaf in leaves)

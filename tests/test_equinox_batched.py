@@ -16,9 +16,8 @@ import zoo.training as zt
 from zoo import registry
 from zoo.equinox import BATCH_AXIS
 
-from .conftest import shallow_overrides
+from .conftest import shallow_ci_models, shallow_overrides
 
-CI_MODELS = [n for n in registry.list_models() if registry.get(n).ci]
 # (arch, overrides) for the other outputs: pooled features, the unpooled map, feature maps.
 # (GoogLeNet's leave its trunk through the same `to_chw` and pooling.)
 HEADS = [("resnet18", dict(num_classes=0)), ("resnet18", dict(num_classes=0, global_pool="")),
@@ -60,9 +59,9 @@ def _assert_same(batched, vmapped):
         np.testing.assert_allclose(np.asarray(b), np.asarray(v), rtol=0, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("arch,overrides", [(a, {}) for a in CI_MODELS] + HEADS,
-                         ids=[a for a in CI_MODELS] + [f"{a}-{'-'.join(f'{k}={v}' for k, v in o.items())}"
-                                                       for a, o in HEADS])
+@pytest.mark.parametrize("arch,overrides", [pytest.param(p.values[0], {}, id=p.id) for p in shallow_ci_models()]
+                         + [pytest.param(a, o, id=f"{a}-{'-'.join(f'{k}={v}' for k, v in o.items())}")
+                            for a, o in HEADS])
 def test_batched_inference_is_the_vmapped_model(arch, overrides):
     model, state = _randomised(arch, **shallow_overrides(arch), **overrides)
     # Odd, non-square, and a batch no other axis has.

@@ -1,6 +1,7 @@
 """What a GPU compiles from zoo's models, checked on any machine: `jax.export` lowers a program
 for CUDA without a GPU, so CI sees the convolutions and transposes that XLA's GPU compiler will be
-given, in both frameworks, for every CI model (at most two blocks per stage).
+given, in both frameworks, for every CI model (at most two blocks per stage, one case per distinct
+spec).
 
 Why: the layouts of a program decide its speed on a GPU before any kernel runs. Equinox's
 per-example CHW models once gave XLA NCHW convolutions with a transpose around each (inference at
@@ -17,12 +18,10 @@ import pytest
 
 import zoo.equinox
 import zoo.haiku
-from zoo import registry
 from zoo.equinox import BATCH_AXIS
 
-from .conftest import shallow_overrides
+from .conftest import shallow_ci_models, shallow_overrides
 
-CI_MODELS = [n for n in registry.list_models() if registry.get(n).ci]
 # A batch no kernel has as a dimension, so that a transposed tensor with it is a feature map.
 BATCH, H, W = 5, 64, 80
 # `[b, 0, 1, f]`: batch, the two spatial axes, then the features: NHWC, what cuDNN runs fastest.
@@ -85,7 +84,7 @@ def _map_transposes(program: str) -> list[tuple[int, ...]]:
     return [s for s in shapes if BATCH in s and math.prod(s) > BATCH * 2048]
 
 
-@pytest.mark.parametrize("arch", CI_MODELS)
+@pytest.mark.parametrize("arch", shallow_ci_models())
 def test_gpu_forward_is_channels_last_without_map_transposes(arch):
     """Both frameworks' inference programs for CUDA: every 2-D convolution reads and writes NHWC,
     the two frameworks have the same convolutions, and no feature map is transposed but Equinox's
@@ -103,7 +102,7 @@ def test_gpu_forward_is_channels_last_without_map_transposes(arch):
     assert _map_transposes(programs["equinox batched"]) == [(BATCH, 3, H, W)]
 
 
-@pytest.mark.parametrize("arch", CI_MODELS)
+@pytest.mark.parametrize("arch", shallow_ci_models())
 def test_gpu_training_gradient_transposes_no_feature_map(arch):
     """The training-mode gradient programs for CUDA: no feature map is transposed but Equinox's
     input (kernels are, for grouped convolutions' gradients); both frameworks have the same

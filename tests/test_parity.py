@@ -5,9 +5,9 @@ import pytest
 from converters.verify import verify
 from zoo import registry
 
-from .conftest import cached_random_model, load_script
+from .conftest import cached_random_model, ci_models, load_script
 
-CI_MODELS = [n for n in registry.list_models() if registry.get(n).ci]
+CI_MODELS = ci_models()
 SLOW_MODELS = [n for n in registry.list_models() if not registry.get(n).ci]
 ODD_SIZE = (67, 93)  # odd, non-square: exercises padding, ceil_mode and stride-2 rounding
 
