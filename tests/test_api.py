@@ -160,3 +160,33 @@ def test_template_is_the_initialised_model_without_its_random_draws(framework):
     named = (zoo.haiku if framework == "haiku" else zoo.equinox).named_arrays(*after)
     assert float(np.std(np.asarray(named["conv1.0.weight"]))) > 0.01
     assert float(np.std(np.asarray(named["fc.weight"]))) > 0.01
+
+
+@pytest.mark.parametrize("framework", ["haiku", "equinox"])
+def test_initial_weights_are_timms_distributions_each_drawn_apart(framework):
+    """Every parameter is a slice of one normal and one uniform draw (zoo/_init.py `one_draw`): each
+    convolution kernel still kaiming-normal (fan_out, ReLU: std sqrt(2 / fan_out)), the classifier
+    uniform on +-1/sqrt(in_features) (PyTorch's Linear), norms at one and zero; no two kernels
+    share values (a slice handed out twice); another key, other weights."""
+    def create(key):
+        if framework == "haiku":
+            net = zoo.haiku.create("resnet18", num_classes=300)
+            return zoo.haiku.named_arrays(*net.init(key, jnp.zeros((1, 32, 32, 3)), is_training=True))
+        return zoo.equinox.named_arrays(*zoo.equinox.create("resnet18", key=key, num_classes=300))
+
+    named = {k: np.asarray(v, np.float64) for k, v in create(jax.random.key(5)).items()}
+    kernels = {k: v for k, v in named.items() if k.endswith("weight") and v.ndim == 4}
+    assert len(kernels) == 20
+    for name, w in kernels.items():
+        # Haiku's kernels are HWIO, Equinox's OIHW: fan_out is the output channels times the window.
+        fan_out = w.size // w.shape[2] if framework == "haiku" else w.size // w.shape[1]
+        assert abs(w.std() / np.sqrt(2 / fan_out) - 1) < 0.1 and abs(w.mean()) < 0.1 * w.std(), name
+    firsts = [w.reshape(-1)[:8].tobytes() for w in kernels.values()]
+    assert len(set(firsts)) == len(firsts)
+    bound = 1 / np.sqrt(512)
+    for name in ("fc.weight", "fc.bias"):
+        w = named[name]
+        assert np.all(np.abs(w) <= bound) and abs(w.std() / (bound / np.sqrt(3)) - 1) < 0.15, name
+    assert np.all(named["bn1.weight"] == 1) and np.all(named["bn1.bias"] == 0)
+    other = create(jax.random.key(6))
+    assert not np.array_equal(np.asarray(other["layer1.0.conv1.weight"]), named["layer1.0.conv1.weight"])

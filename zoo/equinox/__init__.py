@@ -49,7 +49,8 @@ MODELS: dict[type, type] = {ResNetPlan: ResNet, GoogLeNetPlan: GoogLeNet}
 
 
 def _build(plan: Any, key: PRNGKeyArray, dtype: Any) -> tuple[eqx.Module, eqx.nn.State]:
-    return eqx.nn.make_with_state(MODELS[type(plan)])(plan, key=key, dtype=dtype)
+    make = eqx.nn.make_with_state(MODELS[type(plan)])
+    return _init.one_draw(lambda: make(plan, key=key, dtype=dtype), key)
 
 
 # Initialising eagerly compiles one random-number kernel per parameter shape (~50 s for a

@@ -64,23 +64,12 @@ def _batched(f: Callable[[Array], Array], x: Array, n_axes: int) -> Array:
     return jax.lax.squeeze(f(jax.lax.expand_dims(x, (0,))), (0,))
 
 
-def _init_key(key: PRNGKeyArray) -> PRNGKeyArray:
-    """The same randomness re-keyed for XLA's RngBitGenerator: threefry kernels compile slowly on
-    CPU, once per parameter shape (minutes for a ResNet-50's initialisation); RBG's are cheap."""
-    data = jax.random.key_data(key).reshape(-1)
-    return jax.random.wrap_key_data(jnp.concatenate([data, data])[:4].astype(jnp.uint32), impl="rbg")
-
-
 def normal_init(key: PRNGKeyArray, shape: tuple[int, ...], std: float) -> Array:
-    if _init.active():
-        return jnp.zeros(shape, jnp.float32)
-    return std * jax.random.normal(_init_key(key), shape, jnp.float32)
+    return _init.initial("normal", shape, std, lambda: key)
 
 
 def uniform_init(key: PRNGKeyArray, shape: tuple[int, ...], bound: float) -> Array:
-    if _init.active():
-        return jnp.zeros(shape, jnp.float32)
-    return jax.random.uniform(_init_key(key), shape, jnp.float32, -bound, bound)
+    return _init.initial("uniform", shape, bound, lambda: key)
 
 
 class Conv2d(eqx.Module):

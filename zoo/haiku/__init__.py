@@ -70,8 +70,10 @@ def _jitted_init(init: Callable) -> Callable:
     by op: one small XLA program per distinct shape, each under the persistent cache's minimum
     compile time, so a second process compiled them all again (ResNet-50 on 2 CPU cores: 12.4 s
     in every process; jitted: one program, 5.5 s the first time, 1.7 s with the cache; see
-    docs/benchmarks.md). `is_training` is static whether given by keyword or not."""
-    jitted = jax.jit(init, static_argnames="is_training")
+    docs/benchmarks.md). `is_training` is static whether given by keyword or not. Every parameter
+    comes from one draw per distribution (`zoo._init.one_draw`)."""
+    jitted = jax.jit(lambda rng, x, is_training: _init.one_draw(lambda: init(rng, x, is_training=is_training), rng),
+                     static_argnames="is_training")
 
     @functools.wraps(init)
     def fast_init(rng: Any, x: Any, is_training: bool) -> tuple[hk.Params, hk.State]:

@@ -8,7 +8,6 @@ import math
 from typing import Iterator, Optional
 
 import haiku as hk
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -39,29 +38,16 @@ def local_name(torch_name: str) -> str:
     return haiku_module(torch_name).split("/")[-1]
 
 
-def _fast_key() -> jax.Array:
-    """Haiku's next key re-keyed for XLA's RngBitGenerator: threefry kernels compile slowly on CPU,
-    once per parameter shape (a ResNet-18's initialisation took ~17 s); RBG's are cheap."""
-    key = hk.next_rng_key()
-    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    data = jnp.asarray(data).reshape(-1)
-    return jax.random.wrap_key_data(jnp.concatenate([data, data])[:4].astype(jnp.uint32), impl="rbg")
-
-
 def _normal(std: float):
     def init(shape, dtype):
-        if _init.active():
-            return jnp.zeros(shape, dtype)
-        return std * jax.random.normal(_fast_key(), shape, dtype)
+        return _init.initial("normal", tuple(shape), std, hk.next_rng_key).astype(dtype)
 
     return init
 
 
 def _uniform(bound: float):
     def init(shape, dtype):
-        if _init.active():
-            return jnp.zeros(shape, dtype)
-        return jax.random.uniform(_fast_key(), shape, dtype, -bound, bound)
+        return _init.initial("uniform", tuple(shape), bound, hk.next_rng_key).astype(dtype)
 
     return init
 
