@@ -21,13 +21,8 @@ T = TypeVar("T")
 _SHAPES_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("zoo_shapes_only", default=False)
 
 
-@contextlib.contextmanager
-def shapes_only() -> Iterator[None]:
-    token = _SHAPES_ONLY.set(True)
-    try:
-        yield
-    finally:
-        _SHAPES_ONLY.reset(token)
+def shapes_only() -> contextlib.AbstractContextManager[None]:
+    return _set(_SHAPES_ONLY, True)
 
 
 def active() -> bool:
