@@ -190,3 +190,6 @@ def test_initial_weights_are_timms_distributions_each_drawn_apart(framework):
     assert np.all(named["bn1.weight"] == 1) and np.all(named["bn1.bias"] == 0)
     other = create(jax.random.key(6))
     assert not np.array_equal(np.asarray(other["layer1.0.conv1.weight"]), named["layer1.0.conv1.weight"])
+    if framework == "haiku":  # no key: Haiku's own error, as before the one draw
+        with pytest.raises(ValueError, match="non-None PRNGKey"):
+            zoo.haiku.create("resnet18").init(None, jnp.zeros((1, 32, 32, 3)), is_training=True)

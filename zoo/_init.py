@@ -93,8 +93,8 @@ def one_draw(init: Callable[[], T], key: Any) -> T:
     import jax
     import jax.numpy as jnp
 
-    if active():  # a template: nothing is drawn
-        return init()
+    if active() or key is None:  # a template draws nothing; without a key the model's own error
+        return init()                # (Haiku's MissingRNGError) says what is missing
     requests: list = []
     with _set(_REQUESTS, requests):
         jax.eval_shape(lambda: (init(), None)[1])
