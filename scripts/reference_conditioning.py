@@ -26,12 +26,13 @@ if str(ROOT) not in sys.path:
 
 
 def conditioning(name: str, *, size: tuple[int, int] = (97, 131), batch: int = 2, seed: int = 1,
-                 trace: str | None = None) -> dict:
+                 trace: str | None = None, model=None) -> dict:
+    """`model`: the reference to measure (left unchanged), by default `random_model(name)`."""
     import torch
 
     from converters.torch_models import random_model
 
-    model = random_model(name).eval()
+    model = (random_model(name) if model is None else model).eval()
     model64 = copy.deepcopy(model).double()
     outputs: dict[tuple[str, str], "torch.Tensor"] = {}
     hooks = []

@@ -4,8 +4,10 @@
 One SGD step (momentum, so the optimizer's trace after one step is the gradient) on a global batch
 of 16, three ways: on one device; `jit` over a batch sharded across the 8 devices; and
 `shard_map`, each device seeing 2 examples, with the norms' `cross_replica_axis`. Prints, as JSON,
-the largest relative difference from the single-device run of the training-mode logits, the
-gradients, the updated parameters and the updated BatchNorm statistics."""
+the largest relative difference from the single-device run of the step's loss, the gradients, the
+updated parameters and the updated BatchNorm statistics. (The training-mode logits themselves are
+not compared: three more programs to compile, 8-way partitioned, for what the gradients and the
+batch statistics already depend on.)"""
 
 import json
 import sys
@@ -15,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import PartitionSpec as P
 
 import zoo.equinox
 import zoo.haiku
@@ -58,37 +59,29 @@ def main(framework: str) -> dict:
         params, synced_params = model, synced
     tx = optax.sgd(0.1, momentum=0.9)
     fresh = lambda t: jax.tree_util.tree_map(lambda a: jnp.array(a) if eqx.is_array(a) else a, t)  # noqa: E731
-    forward = zt._forward(model)
-    synced_forward = zt._forward(synced)
 
     def arrays(ts):
         return eqx.filter((ts.params, ts.state, ts.opt_state), eqx.is_array)
 
     # One device, the whole batch.
-    ts1, _ = zt.make_train_step(model, tx)(zt.TrainState.create(fresh(params), fresh(state), tx), images, labels)
-    logits1, _ = eqx.filter_jit(lambda p, s, x: forward(p, s, x, None, True))(params, state, images)
+    ts1, metrics1 = zt.make_train_step(model, tx)(zt.TrainState.create(fresh(params), fresh(state), tx), images,
+                                                  labels)
 
     # jit over sharded arrays: the same step and forward.
     mesh = zt.data_parallel_mesh()
     ts0 = zt.replicate(zt.TrainState.create(fresh(params), fresh(state), tx), mesh)
     sharded = zt.shard_batch((images, labels), mesh)
     assert len(sharded[0].sharding.device_set) == 8
-    ts2, _ = zt.make_train_step(model, tx)(ts0, *sharded)
-    logits2, _ = eqx.filter_jit(lambda p, s, x: forward(p, s, x, None, True))(
-        zt.replicate(params, mesh), zt.replicate(state, mesh), sharded[0])
+    ts2, metrics2 = zt.make_train_step(model, tx)(ts0, *sharded)
 
     # shard_map: each device its 2 examples, the norms synchronised across devices.
     ts0 = zt.replicate(zt.TrainState.create(fresh(synced_params), fresh(state), tx), mesh)
-    ts3, _ = zt.make_shard_map_train_step(synced, tx, mesh)(ts0, *sharded)
-    dynamic, static = eqx.partition(synced_params, eqx.is_array)
-    per_device = jax.shard_map(lambda d, s, x: synced_forward(eqx.combine(d, static), s, x, None, True)[0],
-                               mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=P("data"), check_vma=False)
-    logits3 = jax.jit(per_device)(dynamic, state, sharded[0])
+    ts3, metrics3 = zt.make_shard_map_train_step(synced, tx, mesh)(ts0, *sharded)
 
     out = {}
-    for how, ts, logits in (("jit_sharded", ts2, logits2), ("shard_map", ts3, logits3)):
+    for how, ts, metrics in (("jit_sharded", ts2, metrics2), ("shard_map", ts3, metrics3)):
         out[how] = {
-            "logits": rel(logits1, logits),
+            "loss": rel(metrics1["loss"], metrics["loss"]),
             "gradients": worst(ts1.opt_state, ts.opt_state),  # the momentum trace after one step
             "params": worst(eqx.filter(ts1.params, eqx.is_array), eqx.filter(ts.params, eqx.is_array)),
             "running_stats": worst(ts1.state, ts.state),

@@ -124,6 +124,11 @@ def _rates(arch: str) -> dict:
     return dict(drop_rate=0.1, drop_path_rate=0.1, drop_block_rate=0.1)
 
 
+# Basic and bottleneck blocks (one stage each kind), deep stem, avg_down: the CI case of
+# `test_jitted_gradients_and_steps`.
+CI_GRADIENT_MODEL = "test_resnet"
+
+
 def _gradient_cases():
     """Every CI model, one case per spec option: with one block per stage, and widths and group
     counts set aside (resnet50, resnet101, resnet152 and the wide ResNets become one case, the
@@ -133,11 +138,15 @@ def _gradient_cases():
     The slow sweep (`scripts/sweep_resnets.py --gradients-only`) takes a jitted gradient of every
     registry model at full size.
 
-    An option that `GRAD_PARITY` compares with PyTorch runs here in CI in one framework, the one
-    its fp32 parity test leaves (so each framework runs every such option in fp32 once, the
-    parity tests' jitted steps in both); its other framework is marked slow (`-m slow`), which
-    took ~10 cases of 15-35 s out of CI. The options no parity test covers run in both."""
-    parity = {name: key for key, (name, _, _) in GRAD_PARITY.items()}
+    In CI this test runs what the parity tests below do not: the drop layers, `remat`, the
+    inference-mode gradient, a NaN through the step, AdamW lowering the loss. Those are the same
+    operations whatever the architecture (DropBlock and drop path are one function each, called
+    on another tensor per block kind), so CI runs them on one model, `CI_GRADIENT_MODEL`, in
+    both frameworks (each framework then runs both mode x `remat` combinations). The jitted
+    training steps of every block kind, stem and option are taken and checked against PyTorch in
+    both frameworks by the parity tests below (fp32 in one framework, float64 in the other), so
+    the other cases are `-m slow`: in CI they were 15 cases, 480 s of the 3650 s the suite took
+    on its two workers (CI on an Intel Xeon: 31 minutes of its 30)."""
     cases: dict[str, tuple[str, dict, list[str]]] = {}
     for name in CI_MODELS:
         spec = registry.get(name).spec
@@ -146,32 +155,21 @@ def _gradient_cases():
         if dataclasses.is_dataclass(option) and hasattr(option, "cardinality"):
             option = dataclasses.replace(option, base_width=64, cardinality=min(option.cardinality, 2))
         cases.setdefault(repr(option), (name, overrides, []))[2].append(name)
-
-    def in_ci(names: list[str], fw: str) -> bool:
-        keys = [parity[n] for n in names if n in parity]
-        if not keys:
-            return True
-        # GoogLeNet in Equinox: its Haiku train step takes a minute to compile here (it is jitted,
-        # stepped and compared with PyTorch by test_training_matches_pytorch_float64).
-        return fw == ("equinox" if keys[0] == "googlenet-aux" else _float64_framework(keys[0]))
-
-    return [pytest.param(name, overrides, fw, not (in_ci(names, fw) and any(n in parity for n in names)),
-                         id=f"{'+'.join(names)}-{fw}", marks=() if in_ci(names, fw) else pytest.mark.slow)
+    assert any(name == CI_GRADIENT_MODEL for name, _, _ in cases.values()), CI_GRADIENT_MODEL
+    return [pytest.param(name, overrides, fw, id=f"{'+'.join(names)}-{fw}",
+                         marks=() if name == CI_GRADIENT_MODEL else pytest.mark.slow)
             for name, overrides, names in cases.values() for fw in FRAMEWORKS]
 
 
-@pytest.mark.parametrize("arch,overrides,framework,inference_gradient", _gradient_cases())
-def test_jitted_gradients_and_steps(arch, overrides, framework, inference_gradient):
+@pytest.mark.parametrize("arch,overrides,framework", _gradient_cases())
+def test_jitted_gradients_and_steps(arch, overrides, framework):
     """What a researcher does first: optimizer steps on a fixed batch (a jitted value_and_grad in
     training mode, dropout / drop path / DropBlock on) lower the loss; and a jitted gradient
     in inference mode. `jax.checkpoint` is on in one framework and off in the other, for each of
-    the two modes, so every model runs all four combinations (two compilations per test).
+    the two modes, so a model run in both frameworks covers all four combinations (two
+    compilations per test).
 
-    In CI the inference-mode gradient is taken where no parity test compares the option's
-    training gradients with PyTorch's (those options run in both frameworks, so all four
-    combinations still run), and in every slow case: inference mode swaps only the BatchNorms'
-    statistics and the drop layers, the same operations for every option, and its compilation was
-    a third of each case's time (CI on an Intel Xeon took 38 minutes of its 30)."""
+    Which cases run in CI: `_gradient_cases`."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, 3, 47, 61)).astype(np.float32)
     labels = jnp.asarray(rng.integers(0, 7, 4))
@@ -202,8 +200,6 @@ def test_jitted_gradients_and_steps(arch, overrides, framework, inference_gradie
     _, metrics = step(ts, jnp.asarray(poisoned), labels, jax.random.key(10))
     assert np.isnan(float(metrics["loss"])), float(metrics["loss"])
 
-    if not inference_gradient:
-        return
     forward = zt._forward(model)
     diff, static = eqx.partition(params, eqx.is_inexact_array)
 
@@ -461,7 +457,7 @@ def test_training_matches_pytorch_float64(key, framework):
 def test_data_parallel_on_8_devices_equals_one_device(framework):
     """8 simulated CPU devices (a subprocess: the device count is fixed when JAX starts): jit over
     a sharded batch, and shard_map with `cross_replica_axis`, give the single-device full-batch
-    logits, gradients, parameters and running statistics (global-batch BatchNorm, as PyTorch's
+    loss, gradients, parameters and running statistics (global-batch BatchNorm, as PyTorch's
     SyncBatchNorm)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "data_parallel_check.py"), framework],
@@ -526,8 +522,17 @@ def test_masks_work_in_optax():
             np.testing.assert_array_equal(named[k], 0.5 * ref[k] if decayed else 0 * ref[k], err_msg=k)
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_bf16_and_fp16_training(framework):
+# bf16 in Haiku, fp16 (with its loss scaling) in Equinox; the other two pairs are `-m slow`. The
+# compute dtype is one argument through the same model code for both dtypes (both run in both
+# frameworks in test_api's mixed-precision test), and the loss scaling is `zoo.training`'s, the
+# same for both frameworks: all four pairs took 87 s of CI's worker time, these two ~45.
+MIXED = [pytest.param(fw, name, marks=() if (fw, name) in {("haiku", "bfloat16"), ("equinox", "float16")}
+                      else pytest.mark.slow, id=f"{fw}-{name}")
+         for fw in FRAMEWORKS for name in ("bfloat16", "float16")]
+
+
+@pytest.mark.parametrize("framework,dtype", MIXED)
+def test_bf16_and_fp16_training(framework, dtype):
     """Mixed precision: bf16 (or fp16 with dynamic loss scaling) compute, everything stored stays
     float32, and the loss falls. An fp16 step whose gradients overflow is skipped and halves the
     scale."""
@@ -536,19 +541,21 @@ def test_bf16_and_fp16_training(framework):
     labels = jnp.asarray(rng.integers(0, 5, 4))
     images = _batch(framework, x)
     tx = optax.sgd(0.02, momentum=0.9)
-    for dtype, scale in [(jnp.bfloat16, None), (jnp.float16, zt.DynamicLossScale(2.0 ** 15))]:
-        model, params, state = _create("resnet18", framework, x, num_classes=5, dtype=dtype, **L1)
-        ts = zt.TrainState.create(params, state, tx, loss_scale=scale)
-        step = zt.make_train_step(model, tx)
-        losses = []
-        for _ in range(4):
-            ts, metrics = step(ts, images, labels)
-            losses.append(float(metrics["loss"]))
-        assert losses[-1] < losses[0], (dtype, losses)
-        stored = eqx.filter((ts.params, ts.state, ts.opt_state), eqx.is_inexact_array)
-        assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(stored)} == {jnp.dtype(jnp.float32)}
-        logits = zt.make_eval_step(model)(ts, images, labels)["logits"]
-        assert logits.dtype == jnp.float32
+    scale = zt.DynamicLossScale(2.0 ** 15) if dtype == "float16" else None
+    model, params, state = _create("resnet18", framework, x, num_classes=5, dtype=jnp.dtype(dtype), **L1)
+    ts = zt.TrainState.create(params, state, tx, loss_scale=scale)
+    step = zt.make_train_step(model, tx)
+    losses = []
+    for _ in range(4):
+        ts, metrics = step(ts, images, labels)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0], (dtype, losses)
+    stored = eqx.filter((ts.params, ts.state, ts.opt_state), eqx.is_inexact_array)
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(stored)} == {jnp.dtype(jnp.float32)}
+    logits = zt.make_eval_step(model)(ts, images, labels)["logits"]
+    assert logits.dtype == jnp.float32
+    if scale is None:
+        return
     # Overflow: a scale of 2^120 makes the fp16 gradients infinite.
     ts = zt.TrainState.create(_copy(ts.params), _copy(ts.state), tx,
                               loss_scale=zt.DynamicLossScale(2.0 ** 120))
