@@ -7,6 +7,22 @@ from pathlib import Path
 # itself run their own processes with their own directory.
 os.environ["ZOO_COMPILATION_CACHE"] = "0"
 
+
+def _omp_threads_per_worker() -> None:
+    """Under pytest-xdist (the README's `-n 2`) the workers share the machine's cores. PyTorch's
+    OpenMP team in each worker, as many threads as cores, then outnumbered the cores, and its
+    threads' spin-waiting between parallel regions took the CPU from the other worker's XLA
+    compiles: tests/test_parity.py with `-n 2` on 2 cores took 240 s, and 132 s with one thread a
+    worker. Set before torch is first imported (nothing imports it before this file); a value the
+    user gave is kept. The fp32 training references set their own count (test_training.py)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // workers))
+
+
+_omp_threads_per_worker()
+
 import jax  # noqa: E402
 import numpy as np
 import pytest
