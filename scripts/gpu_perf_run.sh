@@ -13,7 +13,9 @@
 #   FLAGS_IMPL=zoo-haiku,zoo-haiku-folded,torch-eager-cl FLAG_SETS="default;--xla_gpu_experimental_enable_conv_fusion=true;--xla_gpu_cudnn_gemm_fusion_level=2"
 # Writes under $OUT. On an H200 (2026-11-26) the bench stage's GoogLeNet run needed more than 180 s.
 # Each stage has its own time limit (env overrides) so that one slow stage cannot eat the call.
-# STAGES=ab times another commit's code beside this tree's (AB_TREE; see the stage).
+# STAGES=bngrad (~2 min) times the closed-form BatchNorm derivative against autodiff in one process.
+# STAGES=ab times this tree beside itself under AB_ENV (e.g. AB_ENV=ZOO_BN_GRAD=closed), or beside
+# another commit's checkout (AB_TREE); see the stage.
 # A dry run on the CPU: DEVICE=cpu BATCH=2 SIZE=64 BENCH_ARGS="--impl zoo-haiku,torch-eager-nchw" \
 #   STARTUP_ARGS="--predict-archs test_resnet --train-archs --create-archs" PROFILE_ARCH=test_resnet \
 #   PARITY_MODELS=test_resnet OUT=/tmp/out bash scripts/gpu_perf_run.sh
@@ -73,18 +75,33 @@ if has flags; then
 fi
 
 if has ab; then
-  # Another commit's code beside this tree's, alternately, in one call (device time is scarce): AB_TREE
-  # is a checkout inside the repository root, carried, e.g. for the closed-form BatchNorm derivative
-  # (docs/benchmarks.md): `git worktree add exp_bn exp/bn-closed-form-jvp`, carry [".whl", "exp_bn"],
-  # AB_TREE=exp_bn STAGES=ab (~2 min per run on an H200 for a ResNet-50 train step).
-  for tree in "$PWD" "${AB_TREE:?set AB_TREE}" "$PWD" "$AB_TREE"; do
-    tag=$(basename "$(cd "$tree" && pwd)")
-    (cd "$tree" && PYTHONPATH=/tmp/site:$PWD timeout "${AB_S:-150}" python3 cli.py bench "${AB_ARCH:-resnet50}" \
+  # Two variants of zoo alternately in one call (device time is scarce): this tree as it is against
+  # this tree under AB_ENV (a switch read when zoo traces, e.g. AB_ENV=ZOO_BN_GRAD=closed for the
+  # closed-form BatchNorm derivative of docs/benchmarks.md), or against another commit's checkout
+  # AB_TREE inside the repository root (`git worktree add`, carried: carry [".whl", "<tree>"]).
+  # ~1-2 min per run on an H200 for a ResNet-50 train step in both frameworks.
+  if [ -n "${AB_ENV:-}" ]; then variants=("$PWD|" "$PWD|$AB_ENV" "$PWD|" "$PWD|$AB_ENV")
+  else variants=("$PWD|" "${AB_TREE:?set AB_ENV or AB_TREE}|" "$PWD|" "$AB_TREE|"); fi
+  for v in "${variants[@]}"; do
+    tree=${v%%|*} extra=${v#*|}
+    tag=$(basename "$(cd "$tree" && pwd)")${extra:+_$(echo "$extra" | tr -c 'A-Za-z0-9_=\n' '_')}
+    # shellcheck disable=SC2086  # AB_ENV: NAME=value words
+    (cd "$tree" && env $extra PYTHONPATH="/tmp/site:$PWD" timeout "${AB_S:-150}" python3 cli.py bench "${AB_ARCH:-resnet50}" \
       --device "${DEVICE:-gpu}" --dtype bfloat16 --batch "${BATCH:-256}" --size "${SIZE:-224}" --mode "${AB_MODE:-train}" \
       --impl "${AB_IMPL:-zoo-haiku,zoo-equinox}" --repeats 10 --warmup 3 ${BENCH_ARGS:-} \
       --json "$OUT/ab_${DEVICE:-gpu}_${tag}_$(date +%s).json") 2>&1 | grep -v Warning | grep -i "zoo\|torch\|error" | tail -6
     echo "ab $tag rc ${PIPESTATUS[0]}"
   done
+fi
+
+if has bngrad; then
+  # Training BatchNorm's derivative, autodiff against the closed form (ZOO_BN_GRAD=closed): both steps
+  # compiled in one process and timed alternately (docs/benchmarks.md, "Training BatchNorm's derivative
+  # in closed form"). ResNet-50, both frameworks: four compilations, ~2 min on an H200 (estimate).
+  timeout "${BNGRAD_S:-300}" python3 benchmarks/bench_bn_grad.py --device "${DEVICE:-gpu}" --dtype bfloat16 \
+    --batch "${BATCH:-256}" --sizes "${SIZE:-224}" --archs ${BNGRAD_ARCHS:-resnet50} --rounds 10 \
+    --out "$OUT/bn_grad_${DEVICE:-gpu}.json" 2>&1 | grep -v -i warning | tail -8
+  echo "bngrad rc ${PIPESTATUS[0]}"
 fi
 
 if has parity; then

@@ -19,7 +19,7 @@ CHEAP = ["--batch", "2", "--repeats", "1", "--warmup", "0"]
 NO_COMPILE = [n for n in _bench.IMPLS if n != "torch-compile-cl"]  # torch.compile: ~30 s of compiling on CPU
 META_FIELDS = {"schema", "arch", "modes", "impls", "batch", "size", "dtype", "device", "jax_device", "torch_device",
                "device_name", "repeats", "warmup", "cpu", "versions", "precision", "jax_compilation_cache", "xla_flags",
-               "train", "platform", "started"}
+               "zoo_env", "train", "platform", "started"}
 
 
 def _bench_cli(*args):
@@ -65,6 +65,8 @@ def test_both_modes_json(both_modes):
     assert all(meta["versions"][k] for k in ("jax", "torch", "equinox", "dm-haiku", "optax"))
     assert meta["cpu"]["torch_threads"] >= 1 and meta["device_name"]
     assert meta["xla_flags"] == os.environ.get("XLA_FLAGS")  # flags change kernels and compile times
+    # zoo's own switches (ZOO_BN_GRAD, ZOO_CONV_AS_DOT) change the programs too
+    assert meta["zoo_env"] == {k: v for k, v in os.environ.items() if k.startswith("ZOO_")}
     # Inference runs every selected implementation, training all but the BN-folded ones, and the
     # rows come in mode order, then IMPLS order.
     assert [(r["mode"], r["impl"]) for r in results["rows"]] == (
@@ -269,6 +271,23 @@ def test_relu_form_benchmark_times_both_forms_and_checks_the_nan_loss(tmp_path):
             assert set(r[key]) == {"maximum", "select"} and all(v > 0 for v in r[key].values())
         assert r["predict_max_abs_diff"] == 0
         assert r["nan_pixel_gives_nan_loss"]["select"] is True
+
+
+def test_bn_grad_benchmark_times_both_derivatives_in_one_process(tmp_path):
+    """benchmarks/bench_bn_grad.py (a lever kept for a lent GPU: `STAGES=bngrad` of
+    scripts/gpu_perf_run.sh): both train steps timed, only the second traced through the closed
+    form, and their first losses (the same forward) equal to rounding."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "bn_grad.json"
+    subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_bn_grad.py"), "--archs", ARCH,
+                    "--sizes", "33", "--batch", "2", "--rounds", "2", "--out", str(out)],
+                   check=True, cwd=root, capture_output=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["arch"], r["framework"], r["size"]) for r in rows] == [(ARCH, "haiku", 33), (ARCH, "equinox", 33)]
+    for r in rows:
+        assert [r[m]["closed_form_traced"] for m in ("autodiff", "closed")] == [False, True]
+        assert all(len(r[m]["times_s"]) == 2 and r[m]["median_s"] > 0 for m in ("autodiff", "closed"))
+        assert r["closed"]["first_loss"] == pytest.approx(r["autodiff"]["first_loss"], rel=1e-5)
 
 
 def test_narrow_conv_benchmark_times_each_form_and_records_the_rule(tmp_path, monkeypatch):

@@ -91,6 +91,91 @@ def test_bn_moments_across_vmapped_batch_match_torch():
     np.testing.assert_allclose(0.9 + 0.1 * np.asarray(unbiased), bn.running_var.numpy(), rtol=1e-5)
 
 
+def _bn_train_runs(layout, x, scale, offset):
+    """Training-mode BatchNorm as Haiku calls it (NHWC batch, no axis name), as Equinox does (one
+    HWC example, vmapped with an axis name) and across two named axes (a vmapped batch inside a
+    data-parallel axis, Equinox's shard_map form: an NHWC array split as (2, N/2, ...)); returns
+    the normalised map and the new running statistics."""
+    rm, rv = jnp.zeros_like(scale), jnp.ones_like(scale)
+    kw = dict(eps=1e-3, channel_axis=-1, momentum=0.1)
+    if layout == "batch":
+        return ops.batch_norm_train(x, rm, rv, scale, offset, axes=(0, 1, 2), axis_name=None, **kw)
+
+    def one(e):
+        return ops.batch_norm_train(e, rm, rv, scale, offset, axes=(0, 1), axis_name=names, **kw)
+
+    if layout == "vmapped":
+        names = "b"
+        return jax.vmap(one, axis_name="b", out_axes=(0, None, None))(x)
+    names = ("b", "d")
+    split = x.reshape(2, x.shape[0] // 2, *x.shape[1:])
+    y, m, v = jax.vmap(jax.vmap(one, axis_name="b", out_axes=(0, None, None)), axis_name="d",
+                       out_axes=(0, None, None))(split)
+    return y.reshape(x.shape), m, v
+
+
+@pytest.mark.parametrize("layout", ["batch", "vmapped", "two-axes"])
+def test_closed_form_batchnorm_derivative_is_autodiffs(layout, monkeypatch):
+    """`ZOO_BN_GRAD=closed` (a lever kept for a GPU measurement) writes training BatchNorm's
+    derivative out, as PyTorch's kernel does: in float64 its values, reverse-mode gradients (of the
+    map and of the running statistics) and forward-mode derivative are autodiff's to rounding; in
+    float32 its gradients are PyTorch's; in bfloat16 the gradient keeps the input's dtype."""
+    rng = np.random.default_rng(3)
+    shape = (4, 5, 7, 6)
+    arrays = [rng.standard_normal(shape) * 3 + 1, rng.uniform(0.5, 2, 6), rng.standard_normal(6),
+              rng.standard_normal(shape), rng.standard_normal(6), rng.standard_normal(6)]
+
+    def run(mode, dtype, jvp=False):
+        monkeypatch.setattr(ops, "_BN_GRAD", mode)
+        x, scale, offset, gy, gm, gv = (jnp.asarray(a, dtype) for a in arrays)
+
+        def loss(x, scale, offset):
+            y, m, v = _bn_train_runs(layout, x, scale, offset)
+            return jnp.sum(y * gy) + jnp.sum(m * gm) + jnp.sum(v * gv)
+
+        if jvp:
+            return jax.jvp(loss, (x, scale, offset), (gy, gm, gv))
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, scale, offset)
+
+    with jax.enable_x64(True):
+        for jvp in (False, True):
+            auto, closed = run("autodiff", jnp.float64, jvp), run("closed", jnp.float64, jvp)
+            for a, c in zip(jax.tree_util.tree_leaves(auto), jax.tree_util.tree_leaves(closed)):
+                assert a.dtype == c.dtype == jnp.float64
+                np.testing.assert_allclose(c, a, rtol=1e-11, atol=1e-11 * float(np.max(np.abs(a))))
+
+    monkeypatch.setattr(ops, "_BN_GRAD", "closed")
+    scale32, offset32 = (jnp.asarray(a, jnp.float32) for a in arrays[1:3])
+    jaxpr = jax.make_jaxpr(lambda x: _bn_train_runs(layout, x, scale32, offset32))(jnp.asarray(arrays[0], jnp.float32))
+    assert "custom_jvp_call" in str(jaxpr)  # the closed form is what ran above
+    value, _ = run("closed", jnp.float32)
+    x = torch.tensor(arrays[0], dtype=torch.float32).permute(0, 3, 1, 2).requires_grad_()
+    scale, offset = (torch.tensor(a, dtype=torch.float32, requires_grad=True) for a in arrays[1:3])
+    bn = torch.nn.BatchNorm2d(6, eps=1e-3).train()
+    with torch.no_grad():
+        bn.weight.copy_(scale), bn.bias.copy_(offset)
+    y = bn(x)
+    ref = ((y.permute(0, 2, 3, 1) * torch.tensor(arrays[3], dtype=torch.float32)).sum()
+           + (bn.running_mean * torch.tensor(arrays[4], dtype=torch.float32)).sum()
+           + (bn.running_var * torch.tensor(arrays[5], dtype=torch.float32)).sum())
+    ref.backward()
+    # PyTorch's running statistics are not differentiated (buffers): compare the map's gradients
+    # on a loss without them.
+    _, grads = jax.value_and_grad(lambda *a: jnp.sum(_bn_train_runs(layout, *a)[0] * jnp.asarray(arrays[3], jnp.float32)),
+                                  argnums=(0, 1, 2))(*(jnp.asarray(a, jnp.float32) for a in arrays[:3]))
+    np.testing.assert_allclose(float(value), ref.item(), rtol=1e-5)
+    for ours, theirs in [(grads[0], x.grad.permute(0, 2, 3, 1)), (grads[1], bn.weight.grad), (grads[2], bn.bias.grad)]:
+        theirs = theirs.numpy()
+        np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
+
+    monkeypatch.setattr(ops, "_BN_GRAD", "closed")
+    half = jax.grad(lambda x: jnp.sum(_bn_train_runs(layout, x, *(jnp.asarray(a, jnp.float32) for a in arrays[1:3]))[0]
+                                      .astype(jnp.float32)))(jnp.asarray(arrays[0], jnp.bfloat16))
+    assert half.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(half)))
+    with pytest.raises(ValueError, match="ZOO_BN_GRAD"):
+        run("exact", jnp.float32)
+
+
 def test_drop_path_zeroes_whole_samples_and_rescales():
     x = jnp.ones((64, 2, 2, 3))
     y = np.asarray(ops.drop_path(x, 0.5, jax.random.key(0), batch_axis=0))

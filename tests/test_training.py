@@ -463,6 +463,29 @@ def test_training_matches_pytorch_float64(key, framework):
     assert not bad, f"{len(bad)} tensors off: " + "; ".join(bad[:8])
 
 
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_closed_form_batchnorm_training_matches_pytorch_float64(framework, monkeypatch):
+    """`ZOO_BN_GRAD=closed`, the closed-form BatchNorm derivative kept as a lever for a GPU
+    measurement (docs/benchmarks.md): a bottleneck ResNet's gradients, SGD steps and running
+    statistics in float64 agree with PyTorch's to 1e-10 per tensor in both frameworks, as
+    autodiff's do above (Equinox's derivative goes through the vmapped batch's axis name)."""
+    from zoo import ops
+
+    monkeypatch.setattr(ops, "_BN_GRAD", "closed")
+    traced, closed = [], ops._normalized_with_moments
+    monkeypatch.setattr(ops, "_normalized_with_moments", lambda *a: traced.append(1) or closed(*a))
+    ops._batch_norm_train.clear_cache()  # traces cached by another test would skip the spy
+    key = "bottleneck"
+    seed = GRAD_PARITY[key][2]
+    model, sd, x, labels = parity_reference(key, seed)
+    ref64 = torch_run(model, x.astype(np.float64), labels, torch.float64, optimizers=("sgd",))
+    with jax.enable_x64(True):
+        ours = zoo_run(key, seed, framework, jnp.float64, optimizers=("sgd",))
+    bad = parity_failures(ref64, [ref64], ours, {k: np.asarray(v, np.float64) for k, v in sd.items()}, strict=True)
+    assert traced, "the closed form was not used"
+    assert not bad, f"{len(bad)} tensors off: " + "; ".join(bad[:8])
+
+
 # --- data parallel ------------------------------------------------------------------------------
 
 

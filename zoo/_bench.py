@@ -43,7 +43,8 @@ meta: schema (1), arch, modes (["inference"] / ["train"] / both), impls (selecte
   model), repeats, warmup, cpu {name, count, affinity, torch_threads, torch_interop_threads},
   versions {python, numpy, jax, jaxlib, torch, torchvision, timm, equinox, dm-haiku, optax},
   precision {jax_default_matmul_precision, torch_cudnn_allow_tf32, torch_matmul_allow_tf32},
-  jax_compilation_cache (folder or null), xla_flags (the environment's XLA_FLAGS or null), train {optimizer, lr, momentum, aux_weight}, platform,
+  jax_compilation_cache (folder or null), xla_flags (the environment's XLA_FLAGS or null),
+  zoo_env (the environment's ZOO_* variables, e.g. the ZOO_BN_GRAD and ZOO_CONV_AS_DOT levers), train {optimizer, lr, momentum, aux_weight}, platform,
   started (UTC, ISO 8601).
 rows: one per (mode, impl) run, in mode order then IMPLS order: mode ("inference" | "train"),
   impl (a name of IMPLS), label, framework ("pytorch" | "haiku" | "equinox"), bn_folded,
@@ -177,6 +178,7 @@ def _meta(arch: str, modes: Sequence[str], impls: Sequence[str], batch: int, siz
                       "torch_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32},
         "jax_compilation_cache": _cache.enable(),
         "xla_flags": os.environ.get("XLA_FLAGS"),
+        "zoo_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ZOO_")},
         "train": {"optimizer": "sgd", "lr": LR, "momentum": MOMENTUM, "aux_weight": AUX_WEIGHT},
         "platform": platform.platform(),
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

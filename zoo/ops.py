@@ -391,25 +391,38 @@ def conv2d(x: Array, w: Array, b: Optional[Array], *, stride: int, padding: int,
     return y
 
 
+def _axis_names(axis_name: Union[None, str, tuple[str, ...]]) -> tuple[str, ...]:
+    return () if axis_name is None else (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+
+
+def _batch_sum(v: Array, axes: tuple[int, ...], names: tuple[str, ...]) -> Array:
+    """Sum over `axes` (kept, as 1s) and across the named axes."""
+    v = jnp.sum(v, axis=axes, keepdims=True)
+    # One axis at a time: a vmap axis and a shard_map axis cannot be named in one collective.
+    for name in names:
+        v = jax.lax.psum(v, name)
+    return v
+
+
+def _batch_count(shape: Sequence[int], axes: tuple[int, ...], names: tuple[str, ...]) -> Any:
+    count = math.prod(shape[a] for a in axes)
+    for name in names:
+        count = count * jax.lax.psum(1, name)
+    return count
+
+
 def bn_moments(x: Float[Array, "..."], axes: Sequence[int], axis_name: Union[None, str, tuple[str, ...]] = None
                ) -> tuple[Array, Array, Array]:
     """Batch mean, biased variance (used to normalise) and unbiased variance (PyTorch's running
     update), in float32 (float64 for float64 inputs). With `axis_name` (one name or several: a
     vmapped batch, a shard_map/pmap device axis), statistics are reduced across those axes too."""
     x = x.astype(stat_dtype(x.dtype))
-    axes = tuple(axes)
-    # One axis at a time: a vmap axis and a shard_map axis cannot be named in one collective.
-    names = () if axis_name is None else (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+    axes, names = tuple(axes), _axis_names(axis_name)
 
     def total(v: Array) -> Array:
-        v = jnp.sum(v, axis=axes, keepdims=True)
-        for name in names:
-            v = jax.lax.psum(v, name)
-        return v
+        return _batch_sum(v, axes, names)
 
-    count = math.prod(x.shape[a] for a in axes)
-    for name in names:
-        count = count * jax.lax.psum(1, name)
+    count = _batch_count(x.shape, axes, names)
     # Sums first, one division by the whole count after: under vmap the sum over the map and the
     # sum across the batch are then adjacent reductions, which XLA merges into one (as in Haiku's
     # NHWC batch); a mean per example averaged across the batch kept two per statistic (106 more
@@ -455,24 +468,93 @@ def normalize(x: Array, mean: Array, var: Array, scale: Array, offset: Array, ep
 def batch_norm_eval(x: Float[Array, "..."], running_mean: Array, running_var: Array, scale: Array, offset: Array,
                     *, eps: float, channel_axis: int) -> Array:
     """Inference-mode BatchNorm (`normalize` with the running statistics), jitted so that its
-    trace is cached per shape (see `batch_norm_train`)."""
+    trace is cached per shape (see `_batch_norm_train`)."""
     return normalize(x, running_mean, running_var, scale, offset, eps, channel_axis)
 
 
-@functools.partial(jax.jit, static_argnames=("axes", "axis_name", "eps", "channel_axis", "momentum"))
+# Training BatchNorm's derivative: "autodiff" (JAX differentiates `bn_moments` and `normalize`) or
+# "closed" (`_normalized_with_moments`: PyTorch's closed form, two reductions of the incoming
+# gradient per BatchNorm). A switch for measuring that lever on a GPU (ZOO_BN_GRAD in a process's
+# environment; docs/benchmarks.md, "Training BatchNorm's derivative in closed form"), read when a
+# function is traced. On this project's CPUs it took 0.91-1.03x autodiff's train step time: too
+# little, and too noisy, to change the default without a GPU's measurement.
+_BN_GRAD = os.environ.get("ZOO_BN_GRAD", "autodiff")
+
+
 def batch_norm_train(x: Float[Array, "..."], running_mean: Array, running_var: Array, scale: Array, offset: Array,
                      *, axes: tuple[int, ...], axis_name: Union[None, str, tuple[str, ...]], eps: float,
                      channel_axis: int, momentum: float) -> tuple[Array, Array, Array]:
     """Training-mode BatchNorm: the map normalised with batch statistics (`bn_moments` across
-    `axes` and `axis_name`), and the running mean and variance updated as PyTorch does.
+    `axes` and `axis_name`), and the running mean and variance updated as PyTorch does."""
+    if _BN_GRAD not in ("autodiff", "closed"):
+        raise ValueError(f"ZOO_BN_GRAD={_BN_GRAD!r}: 'autodiff' (the default) or 'closed'")
+    return _batch_norm_train(x, running_mean, running_var, scale, offset, axes=tuple(axes), axis_name=axis_name,
+                             eps=eps, channel_axis=channel_axis, momentum=momentum,
+                             closed_form=_BN_GRAD == "closed")
 
-    One jitted function, so tracing it is cached per shape: a ResNet-50 has 53 BatchNorms of about
-    ten shapes, and vmap, the gradient and lowering then reuse each shape's trace instead of
-    re-tracing every jnp op of every BatchNorm (most of a train step's tracing, which every
-    process pays, compilation cache or not). XLA inlines the call: the same program."""
+
+@functools.partial(jax.jit, static_argnames=("axes", "axis_name", "eps", "channel_axis", "momentum", "closed_form"))
+def _batch_norm_train(x: Array, running_mean: Array, running_var: Array, scale: Array, offset: Array, *,
+                      axes: tuple[int, ...], axis_name: Union[None, str, tuple[str, ...]], eps: float,
+                      channel_axis: int, momentum: float, closed_form: bool) -> tuple[Array, Array, Array]:
+    # One jitted function, so tracing it is cached per shape: a ResNet-50 has 53 BatchNorms of
+    # about ten shapes, and vmap, the gradient and lowering then reuse each shape's trace instead
+    # of re-tracing every jnp op of every BatchNorm (most of a train step's tracing, which every
+    # process pays, compilation cache or not). XLA inlines the call: the same program.
+    if closed_form:
+        y, mean, unbiased = _normalized_with_moments(x, scale, offset, axes, axis_name, eps, channel_axis)
+    else:
+        mean, var, unbiased = bn_moments(x, axes, axis_name)
+        y = normalize(x, mean, var, scale, offset, eps, channel_axis)
+    return y, ema_update(running_mean, mean, momentum), ema_update(running_var, unbiased, momentum)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5, 6))
+def _normalized_with_moments(x: Array, scale: Array, offset: Array, axes: tuple[int, ...],
+                             axis_name: Union[None, str, tuple[str, ...]], eps: float, channel_axis: int
+                             ) -> tuple[Array, Array, Array]:
+    """`normalize` with the batch's moments, and the moments (mean, unbiased variance): the same
+    values as autodiff's path; only the derivative is written out (below)."""
+    mean, var, unbiased = bn_moments(x, axes, axis_name)
+    return normalize(x, mean, var, scale, offset, eps, channel_axis), mean, unbiased
+
+
+@_normalized_with_moments.defjvp
+def _normalized_with_moments_jvp(axes, axis_name, eps, channel_axis, primals, tangents):
+    # With x̂ = (x - mean) · inv, inv = 1/sqrt(var + eps), a = inv · scale, and the per-channel
+    # sums s1 = Σ dx, s2 = Σ x̂ · dx over the batch:
+    #   dy = a · dx + x̂ · (dscale - a · s2 / n) + (doffset - a · s1 / n).
+    # The sums are scaled per channel before they broadcast, so the transposed program (the
+    # backward pass) reduces the incoming gradient g twice, Σ g and Σ x̂ · g, which also are the
+    # offset's and scale's gradients. Autodiff through the moments left six reductions and five
+    # full-size intermediates per BatchNorm (optimized CPU HLO, 8x56x56x64).
+    x, scale, offset = primals
+    dx, dscale, doffset = tangents
+    lax = jax.lax
+    names = _axis_names(axis_name)
+    ct = stat_dtype(x.dtype)
+    axis = channel_axis % x.ndim
     mean, var, unbiased = bn_moments(x, axes, axis_name)
     y = normalize(x, mean, var, scale, offset, eps, channel_axis)
-    return y, ema_update(running_mean, mean, momentum), ema_update(running_var, unbiased, momentum)
+
+    def per_channel(v: Array) -> Array:
+        return lax.broadcast_in_dim(v, x.shape, (axis,))
+
+    def channel_sum(v: Array) -> Array:
+        return jnp.squeeze(_batch_sum(v, axes, names), axes)
+
+    n = _batch_count(x.shape, axes, names)
+    inv = lax.rsqrt(var + np.array(eps, ct))
+    a = inv * scale.astype(ct)
+    xhat = (x.astype(ct) - per_channel(mean)) * per_channel(inv)
+    dxc = dx.astype(ct)
+    s1, s2 = channel_sum(dxc), channel_sum(xhat * dxc)
+    dy = (dxc * per_channel(a) + xhat * per_channel(dscale.astype(ct) - a * s2 / n)
+          + per_channel(doffset.astype(ct) - a * s1 / n))
+    # d mean = s1 / n; the unbiased variance Σ(x - mean)² / (n - 1) moves by 2 Σ (x - mean) dx / (n - 1),
+    # and Σ (x - mean) dx = s2 / inv.
+    dunbiased = 2 * s2 / (inv * jnp.maximum(n - 1, 1))
+    return (y, mean, unbiased), (dy.astype(y.dtype), s1 / n, dunbiased)
 
 
 def group_norm(x: Float[Array, "..."], groups: int, scale: Array, offset: Array, eps: float,
