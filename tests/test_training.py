@@ -454,13 +454,18 @@ def test_training_matches_pytorch_float64(key, framework):
     updates, parameters and running statistics agree to 1e-10 per tensor, the same function and
     derivative, with no fp32 kink flips (frameworks alternate by option; AdamW, whose optimizer
     arithmetic is optax's and framework-independent, is left to the fp32 test to keep CI short)."""
+    bad = _float64_failures(key, framework)
+    assert not bad, f"{len(bad)} tensors off: " + "; ".join(bad[:8])
+
+
+def _float64_failures(key: str, framework: str) -> list[str]:
+    """Three SGD steps of GRAD_PARITY[key] in float64, zoo's against PyTorch's: what is off."""
     seed = GRAD_PARITY[key][2]
     model, sd, x, labels = parity_reference(key, seed)
     ref64 = torch_run(model, x.astype(np.float64), labels, torch.float64, optimizers=("sgd",))
     with jax.enable_x64(True):
         ours = zoo_run(key, seed, framework, jnp.float64, optimizers=("sgd",))
-    bad = parity_failures(ref64, [ref64], ours, {k: np.asarray(v, np.float64) for k, v in sd.items()}, strict=True)
-    assert not bad, f"{len(bad)} tensors off: " + "; ".join(bad[:8])
+    return parity_failures(ref64, [ref64], ours, {k: np.asarray(v, np.float64) for k, v in sd.items()}, strict=True)
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
@@ -475,13 +480,7 @@ def test_closed_form_batchnorm_training_matches_pytorch_float64(framework, monke
     traced, closed = [], ops._normalized_with_moments
     monkeypatch.setattr(ops, "_normalized_with_moments", lambda *a: traced.append(1) or closed(*a))
     ops._batch_norm_train.clear_cache()  # traces cached by another test would skip the spy
-    key = "bottleneck"
-    seed = GRAD_PARITY[key][2]
-    model, sd, x, labels = parity_reference(key, seed)
-    ref64 = torch_run(model, x.astype(np.float64), labels, torch.float64, optimizers=("sgd",))
-    with jax.enable_x64(True):
-        ours = zoo_run(key, seed, framework, jnp.float64, optimizers=("sgd",))
-    bad = parity_failures(ref64, [ref64], ours, {k: np.asarray(v, np.float64) for k, v in sd.items()}, strict=True)
+    bad = _float64_failures("bottleneck", framework)
     assert traced, "the closed form was not used"
     assert not bad, f"{len(bad)} tensors off: " + "; ".join(bad[:8])
 
