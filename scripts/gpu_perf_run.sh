@@ -14,6 +14,8 @@
 # Writes under $OUT. On an H200 (2026-11-26) the bench stage's GoogLeNet run needed more than 180 s.
 # Each stage has its own time limit (env overrides) so that one slow stage cannot eat the call.
 # STAGES=bngrad (~2 min) times the closed-form BatchNorm derivative against autodiff in one process.
+# With 15 minutes of device time (machine start included): STAGES=bench first, then, if time is
+# left, STAGES="bngrad startup parity" with BNGRAD_S, STARTUP_S and TEST_S fitting what remains.
 # STAGES=ab times this tree beside itself under AB_ENV (e.g. AB_ENV=ZOO_BN_GRAD=closed), or beside
 # another commit's checkout (AB_TREE); see the stage.
 # A dry run on the CPU: DEVICE=cpu BATCH=2 SIZE=64 BENCH_ARGS="--impl zoo-haiku,torch-eager-nchw" \
