@@ -99,7 +99,7 @@ fi
 if has bngrad; then
   # Training BatchNorm's derivative, autodiff against the closed form (ZOO_BN_GRAD=closed): both steps
   # compiled in one process and timed alternately (docs/benchmarks.md, "Training BatchNorm's derivative
-  # in closed form"). ResNet-50, both frameworks: four compilations, ~2 min on an H200 (estimate).
+  # in closed form"). ResNet-50, Haiku (the switch applies to it): two compilations, ~1 min (estimate).
   timeout "${BNGRAD_S:-300}" python3 benchmarks/bench_bn_grad.py --device "${DEVICE:-gpu}" --dtype bfloat16 \
     --batch "${BATCH:-256}" --sizes "${SIZE:-224}" --archs ${BNGRAD_ARCHS:-resnet50} --rounds 10 \
     --out "$OUT/bn_grad_${DEVICE:-gpu}.json" 2>&1 | grep -v -i warning | tail -8

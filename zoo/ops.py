@@ -411,18 +411,19 @@ def _batch_count(shape: Sequence[int], axes: tuple[int, ...], names: tuple[str, 
     return count
 
 
-def bn_moments(x: Float[Array, "..."], axes: Sequence[int], axis_name: Union[None, str, tuple[str, ...]] = None
-               ) -> tuple[Array, Array, Array]:
+def bn_moments(x: Float[Array, "..."], axes: Sequence[int], axis_name: Union[None, str, tuple[str, ...]] = None,
+               count: Optional[int] = None) -> tuple[Array, Array, Array]:
     """Batch mean, biased variance (used to normalise) and unbiased variance (PyTorch's running
     update), in float32 (float64 for float64 inputs). With `axis_name` (one name or several: a
-    vmapped batch, a shard_map/pmap device axis), statistics are reduced across those axes too."""
+    vmapped batch, a shard_map/pmap device axis), statistics are reduced across those axes too.
+    `count`: the number of values per channel, where the caller has it (`_batch_count`)."""
     x = x.astype(stat_dtype(x.dtype))
     axes, names = tuple(axes), _axis_names(axis_name)
 
     def total(v: Array) -> Array:
         return _batch_sum(v, axes, names)
 
-    count = _batch_count(x.shape, axes, names)
+    count = _batch_count(x.shape, axes, names) if count is None else count
     # Sums first, one division by the whole count after: under vmap the sum over the map and the
     # sum across the batch are then adjacent reductions, which XLA merges into one (as in Haiku's
     # NHWC batch); a mean per example averaged across the batch kept two per statistic (106 more
@@ -474,9 +475,10 @@ def batch_norm_eval(x: Float[Array, "..."], running_mean: Array, running_var: Ar
 
 # Training BatchNorm's derivative: "autodiff" (JAX differentiates `bn_moments` and `normalize`) or
 # "closed" (`_normalized_with_moments`: PyTorch's closed form, two reductions of the incoming
-# gradient per BatchNorm). A switch for measuring that lever on a GPU (ZOO_BN_GRAD in a process's
+# gradient per BatchNorm; BatchNorms without named axes only, i.e. Haiku's models, see
+# `_batch_norm_train`). A switch for measuring that lever on a GPU (ZOO_BN_GRAD in a process's
 # environment; docs/benchmarks.md, "Training BatchNorm's derivative in closed form"), read when a
-# function is traced. On this project's CPUs it took 0.91-1.03x autodiff's train step time: too
+# function is traced. On this project's CPUs it took 0.93-1.03x autodiff's Haiku train step time: too
 # little, and too noisy, to change the default without a GPU's measurement.
 _BN_GRAD = os.environ.get("ZOO_BN_GRAD", "autodiff")
 
@@ -501,26 +503,31 @@ def _batch_norm_train(x: Array, running_mean: Array, running_var: Array, scale: 
     # about ten shapes, and vmap, the gradient and lowering then reuse each shape's trace instead
     # of re-tracing every jnp op of every BatchNorm (most of a train step's tracing, which every
     # process pays, compilation cache or not). XLA inlines the call: the same program.
-    if closed_form:
-        y, mean, unbiased = _normalized_with_moments(x, scale, offset, axes, axis_name, eps, channel_axis)
+    # Only without named axes (Haiku's batch): a custom derivative rule is traced lazily, and under
+    # `jax.checkpoint` of a vmapped model (zoo.training's remat=True for Equinox) outside the vmap's
+    # axis names, where its psums fail ("unbound axis name"; tests/test_ops.py). There the
+    # closed form would need the reductions written outside a custom rule.
+    if closed_form and axis_name is None:
+        count = math.prod(x.shape[a] for a in axes)
+        y, mean, unbiased = _normalized_with_moments(x, scale, offset, axes, axis_name, eps, channel_axis, count)
     else:
         mean, var, unbiased = bn_moments(x, axes, axis_name)
         y = normalize(x, mean, var, scale, offset, eps, channel_axis)
     return y, ema_update(running_mean, mean, momentum), ema_update(running_var, unbiased, momentum)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5, 6))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5, 6, 7))
 def _normalized_with_moments(x: Array, scale: Array, offset: Array, axes: tuple[int, ...],
-                             axis_name: Union[None, str, tuple[str, ...]], eps: float, channel_axis: int
-                             ) -> tuple[Array, Array, Array]:
+                             axis_name: Union[None, str, tuple[str, ...]], eps: float, channel_axis: int,
+                             count: int) -> tuple[Array, Array, Array]:
     """`normalize` with the batch's moments, and the moments (mean, unbiased variance): the same
     values as autodiff's path; only the derivative is written out (below)."""
-    mean, var, unbiased = bn_moments(x, axes, axis_name)
+    mean, var, unbiased = bn_moments(x, axes, axis_name, count)
     return normalize(x, mean, var, scale, offset, eps, channel_axis), mean, unbiased
 
 
 @_normalized_with_moments.defjvp
-def _normalized_with_moments_jvp(axes, axis_name, eps, channel_axis, primals, tangents):
+def _normalized_with_moments_jvp(axes, axis_name, eps, channel_axis, n, primals, tangents):
     # With x̂ = (x - mean) · inv, inv = 1/sqrt(var + eps), a = inv · scale, and the per-channel
     # sums s1 = Σ dx, s2 = Σ x̂ · dx over the batch:
     #   dy = a · dx + x̂ · (dscale - a · s2 / n) + (doffset - a · s1 / n).
@@ -534,7 +541,7 @@ def _normalized_with_moments_jvp(axes, axis_name, eps, channel_axis, primals, ta
     names = _axis_names(axis_name)
     ct = stat_dtype(x.dtype)
     axis = channel_axis % x.ndim
-    mean, var, unbiased = bn_moments(x, axes, axis_name)
+    mean, var, unbiased = bn_moments(x, axes, axis_name, n)
     y = normalize(x, mean, var, scale, offset, eps, channel_axis)
 
     def per_channel(v: Array) -> Array:
@@ -543,7 +550,6 @@ def _normalized_with_moments_jvp(axes, axis_name, eps, channel_axis, primals, ta
     def channel_sum(v: Array) -> Array:
         return jnp.squeeze(_batch_sum(v, axes, names), axes)
 
-    n = _batch_count(x.shape, axes, names)
     inv = lax.rsqrt(var + np.array(eps, ct))
     a = inv * scale.astype(ct)
     xhat = (x.astype(ct) - per_channel(mean)) * per_channel(inv)
@@ -553,7 +559,7 @@ def _normalized_with_moments_jvp(axes, axis_name, eps, channel_axis, primals, ta
           + per_channel(doffset.astype(ct) - a * s1 / n))
     # d mean = s1 / n; the unbiased variance Σ(x - mean)² / (n - 1) moves by 2 Σ (x - mean) dx / (n - 1),
     # and Σ (x - mean) dx = s2 / inv.
-    dunbiased = 2 * s2 / (inv * jnp.maximum(n - 1, 1))
+    dunbiased = 2 * s2 / (inv * max(n - 1, 1))
     return (y, mean, unbiased), (dy.astype(y.dtype), s1 / n, dunbiased)
 
 
