@@ -473,14 +473,13 @@ def test_closed_form_batchnorm_training_matches_pytorch_float64(monkeypatch):
     measurement (docs/benchmarks.md; Haiku's models only, `ops._batch_norm_train`): a bottleneck
     ResNet's gradients, SGD steps and running statistics in float64 agree with PyTorch's to 1e-10
     per tensor, as autodiff's do above."""
-    framework = "haiku"
     from zoo import ops
 
     monkeypatch.setattr(ops, "_BN_GRAD", "closed")
     traced, closed = [], ops._normalized_with_moments
     monkeypatch.setattr(ops, "_normalized_with_moments", lambda *a: traced.append(1) or closed(*a))
     ops._batch_norm_train.clear_cache()  # traces cached by another test would skip the spy
-    bad = _float64_failures("bottleneck", framework)
+    bad = _float64_failures("bottleneck", "haiku")
     assert traced, "the closed form was not used"
     assert not bad, f"{len(bad)} tensors off: " + "; ".join(bad[:8])
 

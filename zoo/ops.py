@@ -391,39 +391,25 @@ def conv2d(x: Array, w: Array, b: Optional[Array], *, stride: int, padding: int,
     return y
 
 
-def _axis_names(axis_name: Union[None, str, tuple[str, ...]]) -> tuple[str, ...]:
-    return () if axis_name is None else (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
-
-
-def _batch_sum(v: Array, axes: tuple[int, ...], names: tuple[str, ...]) -> Array:
-    """Sum over `axes` (kept, as 1s) and across the named axes."""
-    v = jnp.sum(v, axis=axes, keepdims=True)
-    # One axis at a time: a vmap axis and a shard_map axis cannot be named in one collective.
-    for name in names:
-        v = jax.lax.psum(v, name)
-    return v
-
-
-def _batch_count(shape: Sequence[int], axes: tuple[int, ...], names: tuple[str, ...]) -> Any:
-    count = math.prod(shape[a] for a in axes)
-    for name in names:
-        count = count * jax.lax.psum(1, name)
-    return count
-
-
-def bn_moments(x: Float[Array, "..."], axes: Sequence[int], axis_name: Union[None, str, tuple[str, ...]] = None,
-               count: Optional[int] = None) -> tuple[Array, Array, Array]:
+def bn_moments(x: Float[Array, "..."], axes: Sequence[int], axis_name: Union[None, str, tuple[str, ...]] = None
+               ) -> tuple[Array, Array, Array]:
     """Batch mean, biased variance (used to normalise) and unbiased variance (PyTorch's running
     update), in float32 (float64 for float64 inputs). With `axis_name` (one name or several: a
-    vmapped batch, a shard_map/pmap device axis), statistics are reduced across those axes too.
-    `count`: the number of values per channel, where the caller has it (`_batch_count`)."""
+    vmapped batch, a shard_map/pmap device axis), statistics are reduced across those axes too."""
     x = x.astype(stat_dtype(x.dtype))
-    axes, names = tuple(axes), _axis_names(axis_name)
+    axes = tuple(axes)
+    # One axis at a time: a vmap axis and a shard_map axis cannot be named in one collective.
+    names = () if axis_name is None else (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
 
     def total(v: Array) -> Array:
-        return _batch_sum(v, axes, names)
+        v = jnp.sum(v, axis=axes, keepdims=True)
+        for name in names:
+            v = jax.lax.psum(v, name)
+        return v
 
-    count = _batch_count(x.shape, axes, names) if count is None else count
+    count = math.prod(x.shape[a] for a in axes)
+    for name in names:
+        count = count * jax.lax.psum(1, name)
     # Sums first, one division by the whole count after: under vmap the sum over the map and the
     # sum across the batch are then adjacent reductions, which XLA merges into one (as in Haiku's
     # NHWC batch); a mean per example averaged across the batch kept two per statistic (106 more
@@ -508,26 +494,24 @@ def _batch_norm_train(x: Array, running_mean: Array, running_var: Array, scale: 
     # axis names, where its psums fail ("unbound axis name"; tests/test_ops.py). There the
     # closed form would need the reductions written outside a custom rule.
     if closed_form and axis_name is None:
-        count = math.prod(x.shape[a] for a in axes)
-        y, mean, unbiased = _normalized_with_moments(x, scale, offset, axes, axis_name, eps, channel_axis, count)
+        y, mean, unbiased = _normalized_with_moments(x, scale, offset, axes, eps, channel_axis)
     else:
         mean, var, unbiased = bn_moments(x, axes, axis_name)
         y = normalize(x, mean, var, scale, offset, eps, channel_axis)
     return y, ema_update(running_mean, mean, momentum), ema_update(running_var, unbiased, momentum)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _normalized_with_moments(x: Array, scale: Array, offset: Array, axes: tuple[int, ...],
-                             axis_name: Union[None, str, tuple[str, ...]], eps: float, channel_axis: int,
-                             count: int) -> tuple[Array, Array, Array]:
-    """`normalize` with the batch's moments, and the moments (mean, unbiased variance): the same
-    values as autodiff's path; only the derivative is written out (below)."""
-    mean, var, unbiased = bn_moments(x, axes, axis_name, count)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
+def _normalized_with_moments(x: Array, scale: Array, offset: Array, axes: tuple[int, ...], eps: float,
+                             channel_axis: int) -> tuple[Array, Array, Array]:
+    """`normalize` with the moments over `axes` of x (no named axes), and the moments (mean,
+    unbiased variance): the same values as autodiff's path; only the derivative is written out."""
+    mean, var, unbiased = bn_moments(x, axes)
     return normalize(x, mean, var, scale, offset, eps, channel_axis), mean, unbiased
 
 
 @_normalized_with_moments.defjvp
-def _normalized_with_moments_jvp(axes, axis_name, eps, channel_axis, n, primals, tangents):
+def _normalized_with_moments_jvp(axes, eps, channel_axis, primals, tangents):
     # With x̂ = (x - mean) · inv, inv = 1/sqrt(var + eps), a = inv · scale, and the per-channel
     # sums s1 = Σ dx, s2 = Σ x̂ · dx over the batch:
     #   dy = a · dx + x̂ · (dscale - a · s2 / n) + (doffset - a · s1 / n).
@@ -538,17 +522,17 @@ def _normalized_with_moments_jvp(axes, axis_name, eps, channel_axis, n, primals,
     x, scale, offset = primals
     dx, dscale, doffset = tangents
     lax = jax.lax
-    names = _axis_names(axis_name)
     ct = stat_dtype(x.dtype)
     axis = channel_axis % x.ndim
-    mean, var, unbiased = bn_moments(x, axes, axis_name, n)
+    n = math.prod(x.shape[a] for a in axes)
+    mean, var, unbiased = bn_moments(x, axes)
     y = normalize(x, mean, var, scale, offset, eps, channel_axis)
 
     def per_channel(v: Array) -> Array:
         return lax.broadcast_in_dim(v, x.shape, (axis,))
 
     def channel_sum(v: Array) -> Array:
-        return jnp.squeeze(_batch_sum(v, axes, names), axes)
+        return jnp.sum(v, axis=axes)
 
     inv = lax.rsqrt(var + np.array(eps, ct))
     a = inv * scale.astype(ct)
