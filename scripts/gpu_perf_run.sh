@@ -11,11 +11,16 @@
 # The flags stage also times inference (FLAGS_MODE=inference), for the epilogue-fusion levers of
 # docs/benchmarks.md's kernel profile, e.g. STAGES=flags FLAGS_MODE=inference FLAGS_ARCH=resnet50
 #   FLAGS_IMPL=zoo-haiku,zoo-haiku-folded,torch-eager-cl FLAG_SETS="default;--xla_gpu_experimental_enable_conv_fusion=true;--xla_gpu_cudnn_gemm_fusion_level=2"
-# Writes under $OUT. On an H200 (2026-11-26) the bench stage's GoogLeNet run needed more than 180 s.
+# Writes under $OUT (file names in letters, digits, '_', '.', '-' only: the device tool returns no
+# others). On an H200 the bench stage's GoogLeNet run needed more than 180 s (2026-11-26) and more
+# than 280 s (2026-11-28: Haiku's cold train step 72 s, torch.compile's train row unfinished).
 # Each stage has its own time limit (env overrides) so that one slow stage cannot eat the call.
 # STAGES=bngrad (~2 min) times the closed-form BatchNorm derivative against autodiff in one process.
 # With 15 minutes of device time (machine start included): STAGES=bench first, then, if time is
 # left, STAGES="bngrad startup parity" with BNGRAD_S, STARTUP_S and TEST_S fitting what remains.
+# What that took on 2026-11-28 (H200): bench 430 s (GoogLeNet stopped at 280 s) plus ~30 s to start;
+# "bngrad parity startup" 138 s; flags, inference, ResNet-50, 3 sets 103 s. The machine keeps /tmp
+# (the compilation cache) between calls while it stays warm (30 s idle).
 # STAGES=ab times this tree beside itself under AB_ENV (e.g. AB_ENV=ZOO_BN_GRAD=closed), or beside
 # another commit's checkout (AB_TREE); see the stage.
 # A dry run on the CPU: DEVICE=cpu BATCH=2 SIZE=64 BENCH_ARGS="--impl zoo-haiku,torch-eager-nchw" \
@@ -42,7 +47,7 @@ STAGES=${STAGES:-"bench startup profile parity"}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 if has bench; then
   bench resnet50 both "${R50_S:-230}"
-  bench googlenet both "${GOOGLENET_S:-260}"
+  bench googlenet both "${GOOGLENET_S:-340}"
 fi
 
 if has startup; then
@@ -64,7 +69,7 @@ if has flags; then
   # flag set in a fresh process with the compilation cache off, so first_call_s is a cold compile.
   IFS=';' read -r -a sets <<< "${FLAG_SETS:-default;--xla_gpu_autotune_level=0;--xla_gpu_enable_triton_gemm=false}"
   for set in "${sets[@]}"; do
-    tag=$(echo "$set" | tr -c 'A-Za-z0-9_=\n' '_' | sed 's/^_*//;s/_*$//')
+    tag=$(echo "$set" | tr -c 'A-Za-z0-9_\n' '_' | sed 's/^_*//;s/_*$//')
     flags=$([ "$set" = default ] && echo "${XLA_FLAGS:-}" || echo "${XLA_FLAGS:-} $set" | xargs)
     # An empty XLA_FLAGS would be read as a file name: leave it out then.
     env ${flags:+XLA_FLAGS="$flags"} ZOO_COMPILATION_CACHE=0 timeout "${FLAGS_S:-100}" python3 cli.py bench \
@@ -86,7 +91,7 @@ if has ab; then
   else variants=("$PWD|" "${AB_TREE:?set AB_ENV or AB_TREE}|" "$PWD|" "$AB_TREE|"); fi
   for v in "${variants[@]}"; do
     tree=${v%%|*} extra=${v#*|}
-    tag=$(basename "$(cd "$tree" && pwd)")${extra:+_$(echo "$extra" | tr -c 'A-Za-z0-9_=\n' '_')}
+    tag=$(basename "$(cd "$tree" && pwd)")${extra:+_$(echo "$extra" | tr -c 'A-Za-z0-9_\n' '_')}
     # shellcheck disable=SC2086  # AB_ENV: NAME=value words
     (cd "$tree" && env $extra PYTHONPATH="/tmp/site:$PWD" timeout "${AB_S:-150}" python3 cli.py bench "${AB_ARCH:-resnet50}" \
       --device "${DEVICE:-gpu}" --dtype bfloat16 --batch "${BATCH:-256}" --size "${SIZE:-224}" --mode "${AB_MODE:-train}" \
