@@ -1,5 +1,5 @@
-"""Training BatchNorm's derivative: JAX's autodiff (zoo's default) against the closed form
-(`ZOO_BN_GRAD=closed`, `zoo.ops._normalized_with_moments`). Both train steps (optax SGD with
+"""Training BatchNorm's derivative: JAX's autodiff (`ZOO_BN_GRAD=autodiff`) against the closed
+form (zoo's default for Haiku's models, `zoo.ops._normalized_with_moments`). Both train steps (optax SGD with
 momentum, zoo.training's step) are compiled in one process and then timed alternately, call by
 call, so that load on a shared machine falls on both alike; medians. Prints a table and writes JSON.
 
@@ -55,6 +55,7 @@ def _steps(arch: str, framework: str, size: int, batch: int, dtype: str, rounds:
         model = params
     keys = jax.random.split(jax.random.key(1), 2 * rounds + 2)
     runs: dict[str, dict] = {}
+    default = ops._BN_GRAD
     for mode in MODES:
         # Read when the step is traced (its first call): each step keeps the form it was traced with.
         ops._BN_GRAD = mode
@@ -68,7 +69,7 @@ def _steps(arch: str, framework: str, size: int, batch: int, dtype: str, rounds:
         jax.block_until_ready(metrics["loss"])
         runs[mode] = {"ts": ts, "step": step, "first_s": time.perf_counter() - t, "times_s": [],
                       "closed_form_traced": bool(_TRACED), "first_loss": float(metrics["loss"])}
-    ops._BN_GRAD = "autodiff"
+    ops._BN_GRAD = default
     for r in range(rounds + 1):  # the first round warms both up and is not kept
         for mode in MODES if r % 2 == 0 else MODES[::-1]:
             run = runs[mode]

@@ -21,7 +21,7 @@
 # What that took on 2026-11-28 (H200): bench 430 s (GoogLeNet stopped at 280 s) plus ~30 s to start;
 # "bngrad parity startup" 138 s; flags, inference, ResNet-50, 3 sets 103 s. The machine keeps /tmp
 # (the compilation cache) between calls while it stays warm (30 s idle).
-# STAGES=ab times this tree beside itself under AB_ENV (e.g. AB_ENV=ZOO_BN_GRAD=closed), or beside
+# STAGES=ab times this tree beside itself under AB_ENV (e.g. AB_ENV=ZOO_BN_GRAD=autodiff), or beside
 # another commit's checkout (AB_TREE); see the stage.
 # A dry run on the CPU: DEVICE=cpu BATCH=2 SIZE=64 BENCH_ARGS="--impl zoo-haiku,torch-eager-nchw" \
 #   STARTUP_ARGS="--predict-archs test_resnet --train-archs --create-archs" PROFILE_ARCH=test_resnet \
@@ -83,8 +83,8 @@ fi
 
 if has ab; then
   # Two variants of zoo alternately in one call (device time is scarce): this tree as it is against
-  # this tree under AB_ENV (a switch read when zoo traces, e.g. AB_ENV=ZOO_BN_GRAD=closed for the
-  # closed-form BatchNorm derivative of docs/benchmarks.md), or against another commit's checkout
+  # this tree under AB_ENV (a switch read when zoo traces, e.g. AB_ENV=ZOO_BN_GRAD=autodiff against the
+  # closed-form BatchNorm derivative of docs/benchmarks.md, the default), or against another commit's checkout
   # AB_TREE inside the repository root (`git worktree add`, carried: carry [".whl", "<tree>"]).
   # ~1-2 min per run on an H200 for a ResNet-50 train step in both frameworks.
   if [ -n "${AB_ENV:-}" ]; then variants=("$PWD|" "$PWD|$AB_ENV" "$PWD|" "$PWD|$AB_ENV")
@@ -102,7 +102,7 @@ if has ab; then
 fi
 
 if has bngrad; then
-  # Training BatchNorm's derivative, autodiff against the closed form (ZOO_BN_GRAD=closed): both steps
+  # Training BatchNorm's derivative, autodiff (ZOO_BN_GRAD=autodiff) against the closed form (the default): both steps
   # compiled in one process and timed alternately (docs/benchmarks.md, "Training BatchNorm's derivative
   # in closed form"). ResNet-50, Haiku (the switch applies to it): two compilations, ~1 min (estimate).
   timeout "${BNGRAD_S:-300}" python3 benchmarks/bench_bn_grad.py --device "${DEVICE:-gpu}" --dtype bfloat16 \

@@ -116,7 +116,7 @@ def _bn_train_runs(layout, x, scale, offset):
 
 @pytest.mark.parametrize("layout", ["batch", "vmapped", "two-axes"])
 def test_closed_form_batchnorm_derivative_is_autodiffs(layout, monkeypatch):
-    """`ZOO_BN_GRAD=closed` (a lever kept for a GPU measurement) writes training BatchNorm's
+    """`ZOO_BN_GRAD=closed` (the default) writes training BatchNorm's
     derivative out, as PyTorch's kernel does, for BatchNorms without named axes (Haiku's); with
     them (Equinox's vmap, data parallel) autodiff's runs, remat included: in float64 its values, reverse-mode gradients (of the
     map and of the running statistics; with `jax.checkpoint` too) and forward-mode derivative are

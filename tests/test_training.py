@@ -468,19 +468,20 @@ def _float64_failures(key: str, framework: str) -> list[str]:
     return parity_failures(ref64, [ref64], ours, {k: np.asarray(v, np.float64) for k, v in sd.items()}, strict=True)
 
 
-def test_closed_form_batchnorm_training_matches_pytorch_float64(monkeypatch):
-    """`ZOO_BN_GRAD=closed`, the closed-form BatchNorm derivative kept as a lever for a GPU
-    measurement (docs/benchmarks.md; Haiku's models only, `ops._batch_norm_train`): a bottleneck
-    ResNet's gradients, SGD steps and running statistics in float64 agree with PyTorch's to 1e-10
-    per tensor, as autodiff's do above."""
+@pytest.mark.parametrize("mode", ["closed", "autodiff"])
+def test_both_batchnorm_derivatives_train_as_pytorch_float64(mode, monkeypatch):
+    """Haiku's training BatchNorm derivative, the closed form (the default, `ops._batch_norm_train`)
+    and JAX's autodiff (`ZOO_BN_GRAD=autodiff`): with either, a bottleneck ResNet's gradients, SGD
+    steps and running statistics in float64 agree with PyTorch's to 1e-10 per tensor, and the form
+    asked for is the one traced."""
     from zoo import ops
 
-    monkeypatch.setattr(ops, "_BN_GRAD", "closed")
+    monkeypatch.setattr(ops, "_BN_GRAD", mode)
     traced, closed = [], ops._normalized_with_moments
     monkeypatch.setattr(ops, "_normalized_with_moments", lambda *a: traced.append(1) or closed(*a))
     ops._batch_norm_train.clear_cache()  # traces cached by another test would skip the spy
     bad = _float64_failures("bottleneck", "haiku")
-    assert traced, "the closed form was not used"
+    assert bool(traced) == (mode == "closed"), f"{mode}: the closed form traced {len(traced)} times"
     assert not bad, f"{len(bad)} tensors off: " + "; ".join(bad[:8])
 
 

@@ -459,14 +459,14 @@ def batch_norm_eval(x: Float[Array, "..."], running_mean: Array, running_var: Ar
     return normalize(x, running_mean, running_var, scale, offset, eps, channel_axis)
 
 
-# Training BatchNorm's derivative: "autodiff" (JAX differentiates `bn_moments` and `normalize`) or
-# "closed" (`_normalized_with_moments`: PyTorch's closed form, two reductions of the incoming
-# gradient per BatchNorm; BatchNorms without named axes only, i.e. Haiku's models, see
-# `_batch_norm_train`). A switch for measuring that lever on a GPU (ZOO_BN_GRAD in a process's
-# environment; docs/benchmarks.md, "Training BatchNorm's derivative in closed form"), read when a
-# function is traced. On this project's CPUs it took 0.93-1.03x autodiff's Haiku train step time: too
-# little, and too noisy, to change the default without a GPU's measurement.
-_BN_GRAD = os.environ.get("ZOO_BN_GRAD", "autodiff")
+# Training BatchNorm's derivative: "closed" (the default; `_normalized_with_moments`: PyTorch's
+# closed form, two reductions of the incoming gradient per BatchNorm; BatchNorms without named axes
+# only, i.e. Haiku's models, see `_batch_norm_train`) or "autodiff" (JAX differentiates `bn_moments`
+# and `normalize`). ZOO_BN_GRAD in a process's environment, read when a function is traced. Why the
+# closed form: on an H200 (bf16, batch 256) it took a Haiku ResNet-50 train step to 0.94x
+# autodiff's time, each of its calls faster than each of autodiff's, with a shorter compile; on this
+# project's CPUs 0.93-1.03x (docs/benchmarks.md, "Training BatchNorm's derivative in closed form").
+_BN_GRAD = os.environ.get("ZOO_BN_GRAD", "closed")
 
 
 def batch_norm_train(x: Float[Array, "..."], running_mean: Array, running_var: Array, scale: Array, offset: Array,
@@ -475,7 +475,7 @@ def batch_norm_train(x: Float[Array, "..."], running_mean: Array, running_var: A
     """Training-mode BatchNorm: the map normalised with batch statistics (`bn_moments` across
     `axes` and `axis_name`), and the running mean and variance updated as PyTorch does."""
     if _BN_GRAD not in ("autodiff", "closed"):
-        raise ValueError(f"ZOO_BN_GRAD={_BN_GRAD!r}: 'autodiff' (the default) or 'closed'")
+        raise ValueError(f"ZOO_BN_GRAD={_BN_GRAD!r}: 'closed' (the default) or 'autodiff'")
     return _batch_norm_train(x, running_mean, running_var, scale, offset, axes=tuple(axes), axis_name=axis_name,
                              eps=eps, channel_axis=channel_axis, momentum=momentum,
                              closed_form=_BN_GRAD == "closed")
