@@ -641,13 +641,17 @@ def drop_block(x: Array, *, rate: float, block_size: int, gamma_scale: float, ke
     """timm's DropBlock2d (couple_channels, scale_by_keep): block centres drawn with probability
     gamma, grown to block_size squares by a stride-1 max pool, survivors rescaled by
     (mask size / kept count) over the whole batch. With `axis_name` (a vmapped batch of single
-    examples) that rescaling sums over the batch too. `seeds` replaces the random draw (tests)."""
+    examples) that rescaling sums over the batch too. `key`: one key, or a typed key per example
+    of the leading axis (each example's centres drawn with its own, as under vmap). `seeds`
+    replaces the random draw (tests)."""
     h, w = (x.shape[a] for a in spatial_axes)
     kh, kw = min(block_size, h), min(block_size, w)
     gamma = float(gamma_scale * rate * h * w) / float(kh * kw) / float((h - kh + 1) * (w - kw + 1))
     shape = list(x.shape)
     shape[channel_axis % x.ndim] = 1
-    if seeds is None:
+    if seeds is None and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1:
+        seeds = jax.vmap(lambda k: jax.random.bernoulli(k, gamma, tuple(shape[1:])))(key)
+    elif seeds is None:
         seeds = jax.random.bernoulli(key, gamma, tuple(shape))
     seeds = seeds.astype(jnp.float32)
     ha, wa = spatial_axes

@@ -183,18 +183,25 @@ def _forward(model: Any) -> Forward:
     """forward(params, state, images, key, is_training) -> (outputs, new state), for a Haiku
     transformed model (params: its params) or an Equinox model (params: the model)."""
     if isinstance(model, eqx.Module):
-        from .equinox import BATCH_AXIS
 
         def forward_eqx(m: Any, state: Any, images: Array, key: Optional[PRNGKeyArray], training: bool):
             m = eqx.nn.inference_mode(m, not training)
             if not training:
-                # The batch in one call (in inference the layers take one: `zoo.equinox.layers`),
-                # whose trace costs a third of the vmapped model's; nothing random runs.
+                # The batch in one call (the layers take one: `zoo.equinox.layers`), whose trace
+                # costs a third of the vmapped model's; nothing random runs.
                 return m(images, state)
-            keys = None if key is None else jax.random.split(key, images.shape[0])
-            batched = jax.vmap(lambda x, s, k: m(x, s, key=k), axis_name=BATCH_AXIS,
-                               in_axes=(0, None, None if keys is None else 0), out_axes=(0, None))
-            return batched(images, state, keys)
+            # Training on the batch in one call too, with the keys the vmapped model would give
+            # each example: BatchNorm then reduces the batch axis itself instead of a psum over a
+            # vmapped one, and so takes the closed-form derivative, as Haiku's does
+            # (`ops._batch_norm_train`). The state is copied: a state given to a layer that sets
+            # it is spent (vmap gave the model a copy), and the caller's stays in use (a skipped
+            # fp16 step keeps it).
+            keys = None
+            if key is not None:
+                keys = jax.random.split(key, images.shape[0])
+                if not jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
+                    keys = jax.random.wrap_key_data(keys)  # raw uint32 keys: the same draws, typed
+            return m(images, jax.tree.map(lambda leaf: leaf, state), key=keys)
 
         return forward_eqx
     if hasattr(model, "apply") and hasattr(model, "init"):

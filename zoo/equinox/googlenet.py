@@ -19,7 +19,8 @@ from .. import ops
 from ..googlenet import (FEATURE_TAPS, INCEPTION_BLOCKS, TRANSFORM_INPUT, AuxPlan, ConvBNPlan, GoogLeNetOutputs,
                          GoogLeNetPlan, InceptionPlan, PoolPlan)
 from ..spec import PoolSpec
-from .layers import CHANNEL_AXIS, BatchNorm, Conv2d, Linear, make_norm, spatial_axes, to_chw, to_hwc
+from .layers import (CHANNEL_AXIS, BatchNorm, Conv2d, Linear, make_norm, per_example, spatial_axes, split_key, to_chw,
+                     to_hwc)
 
 
 class BasicConv2d(eqx.Module):
@@ -108,7 +109,7 @@ class InceptionAux(eqx.Module):
         # fc1's inputs are in PyTorch's flatten order (C, H, W): a small transpose of the 4x4 map.
         x = ops.relu(self.fc1(to_chw(x).reshape(*x.shape[:-3], -1)))
         if not self.inference and self.dropout > 0:
-            x = ops.dropout(x, self.dropout, _need_key(key))
+            x = per_example(lambda xi, ki: ops.dropout(xi, self.dropout, ki), x, _need_key(key))
         return self.fc2(x).astype(ops.stat_dtype(x.dtype)), state
 
 
@@ -186,7 +187,7 @@ class GoogLeNet(eqx.Module):
         # a transpose around every conv. One transpose here, and back wherever a map leaves.
         x = to_hwc(x.astype(self.dtype))
         training_aux = not self.inference and bool(self.taps)
-        fc_key, *aux_keys = [None] * 3 if key is None else jax.random.split(key, 3)
+        fc_key, *aux_keys = [None] * 3 if key is None else split_key(key, 3)
         taps = dict(self.taps)
         aux_out = {}
         features = {}
@@ -203,7 +204,7 @@ class GoogLeNet(eqx.Module):
         else:
             x = to_chw(x)  # the unpooled map is returned (CHW), dropout's mask drawn over it as before
         if not self.inference and self.dropout > 0:
-            x = ops.dropout(x, self.dropout, _need_key(fc_key))
+            x = per_example(lambda xi, ki: ops.dropout(xi, self.dropout, ki), x, _need_key(fc_key))
         if self.fc is None:
             return x.astype(out_dtype), state
         logits = self.fc(x).astype(out_dtype)

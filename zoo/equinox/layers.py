@@ -6,12 +6,14 @@ HWC feature maps; the models take and give CHW (PyTorch's layout) and transpose 
 and wherever a map leaves them. Weights keep PyTorch's layouts (conv OIHW): the convolution's
 dimension numbers say so, and XLA lays the kernel out as it likes.
 
-In inference mode the layers (and the models) also take a batch with a leading axis, (N, H, W, C)
-(the models (N, C, H, W)), and give what the vmapped model gives: `zoo.Model.predict` and the
-evaluation steps call the model so, because tracing through `jax.vmap` cost an Equinox predict's
-first call in every process four times Haiku's trace (ResNet-50: 0.27 against 0.07 s; batched
-0.10 s; docs/benchmarks.md). Training mode needs
-the vmap: its BatchNorm statistics are taken across the vmapped axis.
+The layers (and the models) also take a batch with a leading axis, (N, H, W, C) (the models
+(N, C, H, W)), and give what the vmapped model gives: `zoo.Model.predict` and the evaluation steps
+call the model so in inference, because tracing through `jax.vmap` cost an Equinox predict's first
+call in every process four times Haiku's trace (ResNet-50: 0.27 against 0.07 s; batched 0.10 s;
+docs/benchmarks.md), and zoo.training's steps in training, with a key per example (`split_key`,
+`per_example`: the vmapped model's random draws), so that BatchNorm's statistics reduce the batch
+axis in the call instead of a `psum` over a vmapped one: that is what lets its derivative be the
+closed form (`ops._batch_norm_train`), as Haiku's is.
 
 Field names mirror PyTorch (`weight`, `bias`, running statistics in an `eqx.nn.State`), so a
 model's tree paths are its PyTorch names. Parameters are float32 whatever the compute dtype.
@@ -62,6 +64,32 @@ def _batched(f: Callable[[Array], Array], x: Array, n_axes: int) -> Array:
     if x.ndim > n_axes:
         return f(x)
     return jax.lax.squeeze(f(jax.lax.expand_dims(x, (0,))), (0,))
+
+
+def is_key_batch(key: Optional[PRNGKeyArray]) -> bool:
+    """A key per example (a typed key array with a leading axis): the model called on a batch in
+    training. A single example's key is a scalar typed key or a raw (2,) uint32 one."""
+    return key is not None and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1
+
+
+def split_key(key: PRNGKeyArray, n: int) -> list[PRNGKeyArray]:
+    """`jax.random.split(key, n)` as a list; for a key per example, each example's key split so
+    (the i-th entry holds every example's i-th key), as the vmapped model splits them."""
+    if is_key_batch(key):
+        keys = jax.vmap(lambda k: jax.random.split(k, n))(key)
+        return [keys[:, i] for i in range(n)]
+    return list(jax.random.split(key, n))
+
+
+def per_example(f: Callable[[Array, PRNGKeyArray], Array], x: Array, key: PRNGKeyArray) -> Array:
+    """`f(x, key)` on one example; on a batch with a key per example, `f` of each example with its
+    own key (the same draws as the vmapped model's)."""
+    return jax.vmap(f)(x, key) if is_key_batch(key) else f(x, key)
+
+
+def _without_batch_axis(axis_name: Union[str, tuple[str, ...]]) -> Union[None, str, tuple[str, ...]]:
+    names = tuple(n for n in ((axis_name,) if isinstance(axis_name, str) else axis_name) if n != BATCH_AXIS)
+    return None if not names else names[0] if len(names) == 1 else names
 
 
 def normal_init(key: PRNGKeyArray, shape: tuple[int, ...], std: float) -> Array:
@@ -118,7 +146,8 @@ class _HWIOConv2d(Conv2d):
 
 
 class BatchNorm(eqx.Module):
-    """PyTorch BatchNorm2d: batch statistics across the vmapped `axis_name` in training, running
+    """PyTorch BatchNorm2d: batch statistics across the vmapped `axis_name` in training (or
+    across the leading axis of a batch given in one call, and any other axis named), running
     statistics updated with momentum 0.1 and the unbiased variance (no zero-debiasing, unlike
     `eqx.nn.BatchNorm`); running statistics in inference mode."""
 
@@ -143,8 +172,11 @@ class BatchNorm(eqx.Module):
         if self.inference:
             return ops.batch_norm_eval(x, running_mean, running_var, self.weight, self.bias, eps=self.eps,
                                        channel_axis=CHANNEL_AXIS), state
+        axes, axis_name = spatial_axes(x), self.axis_name
+        if x.ndim > 3:  # a batch in one call: its axis is local, not vmapped
+            axes, axis_name = (*range(x.ndim - 3), *axes), _without_batch_axis(axis_name)
         y, new_mean, new_var = ops.batch_norm_train(
-            x, running_mean, running_var, self.weight, self.bias, axes=spatial_axes(x), axis_name=self.axis_name,
+            x, running_mean, running_var, self.weight, self.bias, axes=axes, axis_name=axis_name,
             eps=self.eps, channel_axis=CHANNEL_AXIS, momentum=MOMENTUM)
         return y, state.set(self.state_index, (new_mean, new_var))
 

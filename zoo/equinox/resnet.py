@@ -23,7 +23,7 @@ from .. import ops
 from ..spec import (ActSpec, AttnSpec, BlockPlan, BlurSpec, ConvSpec, DropBlockSpec, NormSpec, PoolSpec,
                     ResNetPlan)
 from .layers import (BATCH_AXIS, CHANNEL_AXIS, BatchNorm, BlurPool, Conv1d, Conv2d, GroupNorm, Linear, ReLU,
-                     make_norm, spatial_axes, to_chw, to_hwc)
+                     is_key_batch, make_norm, per_example, spatial_axes, split_key, to_chw, to_hwc)
 
 Norm = Union[BatchNorm, GroupNorm]
 State = eqx.nn.State
@@ -54,7 +54,7 @@ def _need_key(key: Optional[PRNGKeyArray]) -> PRNGKeyArray:
 
 
 def _split(key: Optional[PRNGKeyArray], n: int) -> list[Optional[PRNGKeyArray]]:
-    return [None] * n if key is None else list(jax.random.split(key, n))
+    return [None] * n if key is None else split_key(key, n)
 
 
 def _keys(key: PRNGKeyArray, n: int) -> Iterator[PRNGKeyArray]:
@@ -78,16 +78,17 @@ def _drop_block(spec: Optional[DropBlockSpec], inference: bool, x: Array,
                 key: Optional[PRNGKeyArray]) -> Array:
     if spec is None or inference or spec.rate == 0:
         return x
-    # The survivors' rescaling counts the whole (vmapped) batch, as timm's does.
+    # The survivors' rescaling counts the whole batch, as timm's does: the vmapped one, or the one
+    # in this call (each example's block centres then drawn with its own key).
     return ops.drop_block(x, rate=spec.rate, block_size=spec.block_size, gamma_scale=spec.gamma_scale,
                           key=_need_key(key), spatial_axes=spatial_axes(x), channel_axis=CHANNEL_AXIS,
-                          axis_name=BATCH_AXIS)
+                          axis_name=None if is_key_batch(key) else BATCH_AXIS)
 
 
 def _drop_path(rate: float, inference: bool, x: Array, key: Optional[PRNGKeyArray]) -> Array:
     if inference or rate == 0:
         return x
-    return ops.drop_path(x, rate, _need_key(key), batch_axis=None)
+    return per_example(lambda xi, ki: ops.drop_path(xi, rate, ki, batch_axis=None), x, _need_key(key))
 
 
 class SqueezeExcite(eqx.Module):
@@ -544,7 +545,7 @@ class ResNet(eqx.Module):
         else:
             x = to_chw(x)  # the unpooled map is returned (CHW), dropout's mask drawn over it as before
         if not self.inference and self.drop_rate > 0:
-            x = ops.dropout(x, self.drop_rate, _need_key(keys[-1]))
+            x = per_example(lambda xi, ki: ops.dropout(xi, self.drop_rate, ki), x, _need_key(keys[-1]))
         if self.fc is not None:
             x = self.fc(x)
         return x.astype(out_dtype), state
