@@ -83,9 +83,18 @@ def test_eval_step_calls_the_batch_and_matches_vmap():
     np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
 
 
-def test_training_mode_still_needs_the_vmap():
-    """A batch given to the model in training mode is refused (its BatchNorm statistics are taken
-    across the vmapped axis), not silently normalised per example."""
+def test_training_mode_on_a_batch_normalises_across_it():
+    """A batch given to the model in training mode (as zoo.training's steps give it) is normalised
+    with the whole batch's statistics, as the vmapped model's BatchNorms do across the vmapped
+    axis, not per example: the same outputs and running statistics."""
     model, state = _randomised("resnet18", **shallow_overrides("resnet18"))
-    with pytest.raises(NameError):
-        eqx.nn.inference_mode(model, False)(jnp.zeros((2, 3, 32, 32)), state)
+    model = eqx.nn.inference_mode(model, False)
+    x = jax.random.normal(jax.random.key(4), (3, 3, 33, 47))
+    fresh = lambda: jax.tree_util.tree_map(lambda a: a, state)  # noqa: E731  a call spends its state
+    batched = eqx.filter_jit(lambda m, s: m(x, s))(model, fresh())
+    vmapped = eqx.filter_jit(lambda m, s: jax.vmap(lambda xi: m(xi, s), axis_name=BATCH_AXIS,
+                                                   out_axes=(0, None))(x))(model, fresh())
+    _assert_same(batched[0], vmapped[0])
+    _assert_same(jax.tree_util.tree_leaves(batched[1]), jax.tree_util.tree_leaves(vmapped[1]))
+    per_example, _ = eqx.filter_jit(lambda m, s: m(x[:1], s))(model, fresh())
+    assert not np.allclose(np.asarray(per_example[0]), np.asarray(batched[0][0]), atol=1e-3)

@@ -12,15 +12,17 @@
 
 With Equinox, `TrainState.create(model, state, tx)` and `make_train_step(model, tx)`: the model is
 trained as a whole (its float arrays are the parameters). Images are in the framework's layout:
-NHWC batches for Haiku, NCHW batches for Equinox (the step vmaps the single-example model).
+NHWC batches for Haiku, NCHW batches for Equinox (the step calls the model on the whole batch and
+gives what the single-example model vmapped over it gives).
 
 What the steps do for you:
 - BatchNorm: training mode (batch statistics, PyTorch's running-statistic update) and the updated
   state threaded through; the eval step uses the running statistics.
-- Randomness: one `key` per step. Haiku gets it as its rng; under Equinox's vmap it is split into
-  one key per example, so each example draws its own dropout / drop-path mask (passing one
-  unsplit key to a vmapped model with `in_axes=0` is a rank error; with `in_axes=None` every
-  example would share one mask). DropBlock still rescales over the whole batch, as timm does.
+- Randomness: one `key` per step. Haiku gets it as its rng; for Equinox it is split into one key
+  per example, as for a vmapped model, so each example draws its own dropout / drop-path mask
+  (passing one unsplit key to a vmapped model with `in_axes=0` is a rank error; with
+  `in_axes=None` every example would share one mask). DropBlock still rescales over the whole
+  batch, as timm does.
 - GoogLeNet's auxiliary heads: loss + `aux_weight` * (aux1 loss + aux2 loss), 0.3 as in the
   GoogLeNet paper and torchvision's reference scripts.
 - Loss: optax's softmax cross-entropy on integer labels (or on given probability targets),

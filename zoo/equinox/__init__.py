@@ -7,8 +7,8 @@
                          in_axes=(0, None), out_axes=(0, None))(images_nchw, state)
     logits, _ = eqx.nn.inference_mode(model)(images_nchw, state)   # the same, in one call
 
-The model takes one CHW image; in inference mode also an NCHW batch (the vmapped model's outputs,
-a third of its trace). Conv weights are OIHW and Linear weights (out, in), as in PyTorch;
+The model takes one CHW image, or an NCHW batch (the vmapped model's outputs, a third of its trace;
+in training with a typed key per example, as zoo.training's steps call it). Conv weights are OIHW and Linear weights (out, in), as in PyTorch;
 BatchNorm running statistics live in the `eqx.nn.State`.
 """
 
