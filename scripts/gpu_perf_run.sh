@@ -104,9 +104,11 @@ fi
 if has bngrad; then
   # Training BatchNorm's derivative, autodiff (ZOO_BN_GRAD=autodiff) against the closed form (the default): both steps
   # compiled in one process and timed alternately (docs/benchmarks.md, "Training BatchNorm's derivative
-  # in closed form"). ResNet-50, Haiku (the switch applies to it): two compilations, ~1 min (estimate).
+  # in closed form"). ResNet-50, Haiku and Equinox (the closed form applies to both since the
+  # nineteenth session): four compilations, ~2 min.
   timeout "${BNGRAD_S:-300}" python3 benchmarks/bench_bn_grad.py --device "${DEVICE:-gpu}" --dtype bfloat16 \
-    --batch "${BATCH:-256}" --sizes "${SIZE:-224}" --archs ${BNGRAD_ARCHS:-resnet50} --rounds 10 \
+    --batch "${BATCH:-256}" --sizes "${SIZE:-224}" --archs ${BNGRAD_ARCHS:-resnet50} \
+    --frameworks ${BNGRAD_FRAMEWORKS:-haiku equinox} --rounds 10 \
     --out "$OUT/bn_grad_${DEVICE:-gpu}.json" 2>&1 | grep -v -i warning | tail -8
   echo "bngrad rc ${PIPESTATUS[0]}"
 fi
