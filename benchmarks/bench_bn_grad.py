@@ -1,5 +1,5 @@
 """Training BatchNorm's derivative: JAX's autodiff (`ZOO_BN_GRAD=autodiff`) against the closed
-form (zoo's default for Haiku's models, `zoo.ops._normalized_with_moments`). Both train steps (optax SGD with
+form (zoo's default, `zoo.ops._normalized_with_moments`). Both train steps (optax SGD with
 momentum, zoo.training's step) are compiled in one process and then timed alternately, call by
 call, so that load on a shared machine falls on both alike; medians. Prints a table and writes JSON.
 
@@ -87,9 +87,7 @@ def _steps(arch: str, framework: str, size: int, batch: int, dtype: str, rounds:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", nargs="+", default=["resnet50", "googlenet"])
-    # Equinox's BatchNorms reduce across the vmap's axis name, where the switch keeps autodiff's
-    # derivative (`zoo.ops._batch_norm_train`): its rows would time the same program twice.
-    ap.add_argument("--frameworks", nargs="+", default=["haiku"])
+    ap.add_argument("--frameworks", nargs="+", default=["haiku", "equinox"])
     ap.add_argument("--sizes", nargs="+", type=int, default=[112, 224])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

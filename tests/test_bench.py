@@ -274,16 +274,15 @@ def test_relu_form_benchmark_times_both_forms_and_checks_the_nan_loss(tmp_path):
 
 
 def test_bn_grad_benchmark_times_both_derivatives_in_one_process(tmp_path):
-    """benchmarks/bench_bn_grad.py (a lever kept for a lent GPU: `STAGES=bngrad` of
-    scripts/gpu_perf_run.sh): both train steps timed, only the second traced through the closed
-    form, and their first losses (the same forward) equal to rounding."""
+    """benchmarks/bench_bn_grad.py (`STAGES=bngrad` of scripts/gpu_perf_run.sh), in both
+    frameworks: both train steps timed, only the second traced through the closed form, and their first losses (the same forward) equal to rounding."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "bn_grad.json"
     subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_bn_grad.py"), "--archs", ARCH,
                     "--sizes", "33", "--batch", "2", "--rounds", "2", "--out", str(out)],
                    check=True, cwd=root, capture_output=True)
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["arch"], r["framework"], r["size"]) for r in rows] == [(ARCH, "haiku", 33)]
+    assert [(r["arch"], r["framework"], r["size"]) for r in rows] == [(ARCH, "haiku", 33), (ARCH, "equinox", 33)]
     for r in rows:
         assert [r[m]["closed_form_traced"] for m in ("autodiff", "closed")] == [False, True]
         assert all(len(r[m]["times_s"]) == 2 and r[m]["median_s"] > 0 for m in ("autodiff", "closed"))

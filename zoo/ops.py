@@ -461,7 +461,8 @@ def batch_norm_eval(x: Float[Array, "..."], running_mean: Array, running_var: Ar
 
 # Training BatchNorm's derivative: "closed" (the default; `_normalized_with_moments`: PyTorch's
 # closed form, two reductions of the incoming gradient per BatchNorm; BatchNorms without named axes
-# only, i.e. Haiku's models, see `_batch_norm_train`) or "autodiff" (JAX differentiates `bn_moments`
+# only: Haiku's models, and Equinox's in zoo.training's steps, which call them on the batch; see
+# `_batch_norm_train`) or "autodiff" (JAX differentiates `bn_moments`
 # and `normalize`). ZOO_BN_GRAD in a process's environment, read when a function is traced. Why the
 # closed form: on an H200 (bf16, batch 256) it took a Haiku ResNet-50 train step to 0.94x
 # autodiff's time, each of its calls faster than each of autodiff's, with a shorter compile; on this
@@ -489,9 +490,8 @@ def _batch_norm_train(x: Array, running_mean: Array, running_var: Array, scale: 
     # about ten shapes, and vmap, the gradient and lowering then reuse each shape's trace instead
     # of re-tracing every jnp op of every BatchNorm (most of a train step's tracing, which every
     # process pays, compilation cache or not). XLA inlines the call: the same program.
-    # Only without named axes (Haiku's batch): a custom derivative rule is traced lazily, and under
-    # `jax.checkpoint` of a vmapped model (zoo.training's remat=True for Equinox) outside the vmap's
-    # axis names, where its psums fail ("unbound axis name"; tests/test_ops.py). There the
+    # Only without named axes (a batch in one call): a custom derivative rule is traced lazily, and
+    # under `jax.checkpoint` of a vmapped model outside the vmap's axis names, where its psums fail ("unbound axis name"; tests/test_ops.py). There the
     # closed form would need the reductions written outside a custom rule.
     if closed_form and axis_name is None:
         y, mean, unbiased = _normalized_with_moments(x, scale, offset, axes, eps, channel_axis)
@@ -635,6 +635,12 @@ def blur_pool(x: Array, filt: Sequence[Sequence[float]], *, stride: int, padding
     return conv2d(x, w, None, stride=stride, padding=0, dilation=1, groups=c, dimension_numbers=dimension_numbers)
 
 
+def is_key_batch(key: Optional[Array]) -> bool:
+    """A key per example (a typed key array with a leading axis), as an Equinox model on a batch
+    is given in training. A single example's key is a scalar typed key or a raw (2,) uint32 one."""
+    return key is not None and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1
+
+
 def drop_block(x: Array, *, rate: float, block_size: int, gamma_scale: float, key: Array,
                spatial_axes: Sequence[int] = SPATIAL, channel_axis: int = -1,
                axis_name: Optional[str] = None, seeds: Optional[Array] = None) -> Array:
@@ -649,7 +655,7 @@ def drop_block(x: Array, *, rate: float, block_size: int, gamma_scale: float, ke
     gamma = float(gamma_scale * rate * h * w) / float(kh * kw) / float((h - kh + 1) * (w - kw + 1))
     shape = list(x.shape)
     shape[channel_axis % x.ndim] = 1
-    if seeds is None and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1:
+    if seeds is None and is_key_batch(key):
         seeds = jax.vmap(lambda k: jax.random.bernoulli(k, gamma, tuple(shape[1:])))(key)
     elif seeds is None:
         seeds = jax.random.bernoulli(key, gamma, tuple(shape))

@@ -66,10 +66,7 @@ def _batched(f: Callable[[Array], Array], x: Array, n_axes: int) -> Array:
     return jax.lax.squeeze(f(jax.lax.expand_dims(x, (0,))), (0,))
 
 
-def is_key_batch(key: Optional[PRNGKeyArray]) -> bool:
-    """A key per example (a typed key array with a leading axis): the model called on a batch in
-    training. A single example's key is a scalar typed key or a raw (2,) uint32 one."""
-    return key is not None and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1
+is_key_batch = ops.is_key_batch
 
 
 def split_key(key: PRNGKeyArray, n: int) -> list[PRNGKeyArray]:
